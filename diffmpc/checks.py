@@ -1,0 +1,72 @@
+"""Input validation for the public API: every error names the argument, the expected, the given."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_tensor", "check_finite", "as_bound"]
+
+
+def _fail(name: str, expected: str, got: str) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def check_tensor(name: str, t, lead: tuple, core: tuple, ref: Tensor | None = None) -> Tensor:
+    """Check type, shape ``[*lead, *core]``, dtype and device, and that values are finite.
+
+    Leading dims may be left out or be 1 (they broadcast); core dims must match exactly.
+
+    Args:
+        lead: expected leading sizes, e.g. ``(B, T)``.
+        core: expected trailing sizes, e.g. ``(n + m, n + m)``.
+        ref: tensor whose dtype and device ``t`` must share.
+    """
+    want = _fmt(lead + core) + " (leading dims may be left out or 1)"
+    if not isinstance(t, Tensor):
+        _fail(name, f"a torch.Tensor of shape {want}", type(t).__name__)
+    k = t.dim() - len(core)
+    if k < 0 or k > len(lead) or tuple(t.shape[k:]) != tuple(core):
+        _fail(name, f"shape {want}", f"shape {tuple(t.shape)}")
+    for got, size in zip(t.shape[:k], lead[len(lead) - k:], strict=True):
+        if got not in (1, size):
+            _fail(name, f"shape {want}", f"shape {tuple(t.shape)}")
+    if ref is not None:
+        if t.dtype != ref.dtype:
+            _fail(name, f"dtype {ref.dtype} (that of x_init)", f"dtype {t.dtype}")
+        if t.device != ref.device:
+            _fail(name, f"device {ref.device} (that of x_init)", f"device {t.device}")
+    check_finite(name, t)
+    return t
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        _fail(name, "finite values", f"{bad} NaN or inf entries")
+
+
+def _fmt(shape: tuple) -> str:
+    return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def as_bound(name: str, b, B: int, T: int, m: int, ref: Tensor, sign: float) -> Tensor:
+    """A bound given as None, a float or a tensor broadcastable to ``[B, T, m]`` -> ``[B, T, m]``."""
+    if b is None:
+        return torch.full((B, T, m), sign * float("inf"), dtype=ref.dtype, device=ref.device)
+    if isinstance(b, (int, float)):
+        if b != b:
+            _fail(name, "a number or tensor without NaN", "nan")
+        return torch.full((B, T, m), float(b), dtype=ref.dtype, device=ref.device)
+    if not isinstance(b, Tensor):
+        _fail(name, "None, a float or a tensor broadcastable to [B, T, m]", type(b).__name__)
+    if b.dtype != ref.dtype or b.device != ref.device:
+        _fail(name, f"dtype {ref.dtype} on {ref.device} (that of x_init)",
+              f"dtype {b.dtype} on {b.device}")
+    if bool(torch.isnan(b).any()):
+        _fail(name, "no NaN values", "NaN entries")
+    try:
+        return b.expand(B, T, m)
+    except RuntimeError:
+        _fail(name, f"a tensor broadcastable to [B, T, m] = [{B}, {T}, {m}]",
+              f"shape {tuple(b.shape)}")

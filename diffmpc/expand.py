@@ -1,0 +1,207 @@
+"""Trajectory-level views of dynamics and costs: evaluation, Jacobians and Hessians.
+
+The solver talks to ``TrajDynamics`` and ``TrajCost`` only. They wrap ``LinearDynamics`` /
+``QuadCost`` (closed forms) or arbitrary row-wise modules, whose derivatives along the whole
+trajectory are taken in one batched autograd call: the ``N`` points are replicated once per
+output row, so one backward pass returns every row of every Jacobian (no loop over states,
+time steps or samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from diffmpc.cost import QuadCost
+from diffmpc.dynamics import LinearDynamics
+
+__all__ = ["batch_jacobian", "batch_hessian", "TrajDynamics", "TrajCost"]
+
+
+def _replicate(z: Tensor, r: int) -> Tensor:
+    """``z [N, p]`` -> ``[r * N, p]`` requiring grad (keeps z's graph if it has one)."""
+    zr = z.unsqueeze(0).expand(r, *z.shape).reshape(r * z.shape[0], z.shape[1])
+    return zr if zr.requires_grad else zr.detach().requires_grad_(True)
+
+
+def batch_jacobian(fn: Callable[[Tensor], Tensor], z: Tensor, q: int, create_graph: bool = False):
+    """Jacobians of a row-wise map ``fn: [N, p] -> [N, q]`` at every row.
+
+    Returns:
+        value ``[N, q]`` and J ``[N, q, p]``.
+    """
+    N, p = z.shape
+    with torch.enable_grad():
+        zr = _replicate(z, q)
+        y = fn(zr).reshape(q, N, q)
+        s = y.diagonal(dim1=0, dim2=2).sum()  # sum_i y[i, :, i]
+        (g,) = torch.autograd.grad(s, zr, create_graph=create_graph)
+    return y[0], g.reshape(q, N, p).transpose(0, 1)
+
+
+def batch_hessian(fn: Callable[[Tensor], Tensor], z: Tensor, create_graph: bool = False):
+    """Gradients and Hessians of a row-wise scalar map ``fn: [N, p] -> [N]``.
+
+    Returns:
+        value ``[N]``, gradient ``[N, p]``, Hessian ``[N, p, p]``.
+    """
+    N, p = z.shape
+    with torch.enable_grad():
+        zr = _replicate(z, p)
+        val = fn(zr)
+        (g,) = torch.autograd.grad(val.sum(), zr, create_graph=True)
+        s = g.reshape(p, N, p).diagonal(dim1=0, dim2=2).sum()
+        (h,) = torch.autograd.grad(s, zr, create_graph=create_graph, allow_unused=True)
+    if h is None:  # linear in z
+        h = torch.zeros_like(zr)
+    grad = g.reshape(p, N, p)[0]
+    if not create_graph:
+        grad = grad.detach()
+    return val.reshape(p, N)[0], grad, h.reshape(p, N, p).transpose(0, 1)
+
+
+def _rows(fn, *args):
+    """Call a row-wise fn on ``[..., k]`` arguments flattened to ``[N, k]``; restore the shape."""
+    lead = args[0].shape[:-1]
+    out = fn(*(a.reshape(-1, a.shape[-1]) for a in args))
+    return out.reshape(*lead, *out.shape[1:])
+
+
+class TrajDynamics:
+    """Dynamics over a batch of trajectories.
+
+    Args:
+        dynamics: ``LinearDynamics`` or a row-wise callable ``(x [N, n], u [N, m]) -> [N, n]``.
+        B, T, n, m: problem sizes.
+    """
+
+    def __init__(self, dynamics, B: int, T: int, n: int, m: int) -> None:
+        self.raw, self.B, self.T, self.n, self.m = dynamics, B, T, n, m
+        self.linear = isinstance(dynamics, LinearDynamics)
+        if self.linear:
+            self.F = dynamics.F.expand(B, T - 1, n, n + m)
+            f = dynamics.f if dynamics.f is not None else self.F.new_zeros(())
+            self.f = f.expand(B, T - 1, n)
+
+    def subset(self, idx: Tensor) -> TrajDynamics:
+        """The same dynamics restricted to the samples ``idx``."""
+        out = TrajDynamics.__new__(TrajDynamics)
+        out.__dict__.update(self.__dict__)
+        out.B = idx.numel()
+        if self.linear:
+            out.F, out.f = self.F[idx], self.f[idx]
+        return out
+
+    def step(self, t: int, x: Tensor, u: Tensor) -> Tensor:
+        """x ``[..., B, n]``, u ``[..., B, m]`` at time t -> ``[..., B, n]``."""
+        if self.linear:
+            tau = torch.cat([x, u], -1).unsqueeze(-1)
+            return (self.F[:, t] @ tau).squeeze(-1) + self.f[:, t]
+        return _rows(self.raw, x, u)
+
+    def all(self, x: Tensor, u: Tensor) -> Tensor:
+        """Next states for every step: x ``[B, T-1, n]``, u ``[B, T-1, m]`` -> ``[B, T-1, n]``."""
+        if self.linear:
+            tau = torch.cat([x, u], -1).unsqueeze(-1)
+            return (self.F @ tau).squeeze(-1) + self.f
+        return _rows(self.raw, x, u)
+
+    def jacobian(self, x: Tensor, u: Tensor, create_graph: bool = False) -> Tensor:
+        """F ``[B, T-1, n, p]`` at x ``[B, T-1, n]``, u ``[B, T-1, m]``."""
+        if self.linear:
+            return self.F
+        n, lead = self.n, x.shape[:-1]
+        z = torch.cat([x, u], -1).reshape(-1, n + self.m)
+        jac = getattr(self.raw, "jacobian", None)
+        if jac is not None:
+            J = jac(z[:, :n], z[:, n:])
+        else:
+            _, J = batch_jacobian(lambda zz: self.raw(zz[:, :n], zz[:, n:]), z, n, create_graph)
+        return J.reshape(*lead, n, n + self.m)
+
+    def curvature(self, x: Tensor, u: Tensor, lam: Tensor) -> Tensor | None:
+        """``sum_i lam_i * Hessian(f_i)`` ``[B, T-1, p, p]``, or None for linear dynamics."""
+        if self.linear:
+            return None
+        n, lead = self.n, x.shape[:-1]
+        z = torch.cat([x, u], -1).reshape(-1, n + self.m)
+        lam = lam.reshape(-1, n)
+
+        def weighted(zz: Tensor) -> Tensor:
+            r = zz.shape[0] // lam.shape[0]
+            return (self.raw(zz[:, :n], zz[:, n:]) * lam.repeat(r, 1)).sum(-1)
+
+        _, _, H = batch_hessian(weighted, z)
+        return H.reshape(*lead, n + self.m, n + self.m)
+
+
+class TrajCost:
+    """Cost over a batch of trajectories.
+
+    Args:
+        cost: ``QuadCost`` or a row-wise module ``(x [..., n], u [..., m]) -> [...]``.
+        B, T, n, m: problem sizes.
+    """
+
+    def __init__(self, cost, B: int, T: int, n: int, m: int) -> None:
+        self.raw, self.B, self.T, self.n, self.m = cost, B, T, n, m
+        self.quadratic = isinstance(cost, QuadCost)
+        if self.quadratic:
+            p = n + m
+            self.C = cost.C.expand(B, T, p, p)
+            c = cost.c if cost.c is not None else self.C.new_zeros(())
+            self.c = c.expand(B, T, p)
+
+    def subset(self, idx: Tensor) -> TrajCost:
+        """The same cost restricted to the samples ``idx``."""
+        out = TrajCost.__new__(TrajCost)
+        out.__dict__.update(self.__dict__)
+        out.B = idx.numel()
+        if self.quadratic:
+            out.C, out.c = self.C[idx], self.c[idx]
+        return out
+
+    def value(self, x: Tensor, u: Tensor) -> Tensor:
+        """Stage costs: x ``[..., B, T, n]``, u ``[..., B, T, m]`` -> ``[..., B, T]``."""
+        if self.quadratic:
+            tau = torch.cat([x, u], -1)
+            quad = (tau.unsqueeze(-2) @ self.C @ tau.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+            return 0.5 * quad + (tau * self.c).sum(-1)
+        return _rows(self.raw, x, u)
+
+    def quadratize(self, x: Tensor, u: Tensor, psd_floor: float | None = None,
+                   create_graph: bool = False) -> tuple[Tensor, Tensor]:
+        """Hessian ``[B, T, p, p]`` and gradient ``[B, T, p]`` of the stage costs at (x, u).
+
+        Args:
+            psd_floor: if given, the Hessians of a cost module are made positive definite by
+                clipping their eigenvalues below at ``psd_floor`` (``QuadCost`` is left as is).
+        """
+        tau = torch.cat([x, u], -1)
+        if self.quadratic:
+            g = (self.C @ tau.unsqueeze(-1)).squeeze(-1) + self.c
+            return self.C, g
+        n, p, lead = self.n, self.n + self.m, tau.shape[:-1]
+        _, g, H = batch_hessian(lambda z: self.raw(z[:, :n], z[:, n:]), tau.reshape(-1, p),
+                                create_graph)
+        H = 0.5 * (H + H.mT)
+        if psd_floor is not None:
+            H = clip_eigenvalues(H, psd_floor)
+        return H.reshape(*lead, p, p), g.reshape(*lead, p)
+
+
+def clip_eigenvalues(H: Tensor, floor: float) -> Tensor:
+    """Symmetric ``H [..., p, p]`` with eigenvalues below ``floor`` raised to ``floor``.
+
+    Only matrices that need it are decomposed.
+    """
+    L, info = torch.linalg.cholesky_ex(H - floor * torch.eye(H.shape[-1], dtype=H.dtype,
+                                                             device=H.device))
+    bad = info != 0
+    if not bool(bad.any()):
+        return H
+    w, Q = torch.linalg.eigh(H[bad])
+    fixed = (Q * w.clamp_min(floor).unsqueeze(-2)) @ Q.mT
+    return H.index_put((bad,), fixed)

@@ -1,0 +1,163 @@
+"""Batched time-varying LQR: the Riccati recursion and rollouts, in deviation coordinates.
+
+Notation (the package's): B batch, T horizon, n state, m control, p = n + m.
+The problem solved by ``riccati`` + ``rollout_affine`` is
+
+    minimize    sum_t 1/2 dtau_t' C_t dtau_t + c_t' dtau_t,        dtau_t = [dx_t; du_t]
+    subject to  dx_{t+1} = F_t dtau_t + d_t,   dx_0 given,
+                lower_t <= du_t <= upper_t   (box mode) or du_t[~free_t] = 0 (fixed-set mode)
+
+Box mode is one backward pass of control-limited DDP (Tassa et al. 2014): the control QP of each
+step is solved by ``boxqp.box_qp`` and the feedback acts on the free controls only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffmpc.boxqp import box_qp, masked_cholesky
+
+__all__ = ["Gains", "riccati", "rollout_affine", "costate"]
+
+
+@dataclass
+class Gains:
+    """Result of the Riccati pass.
+
+    Attributes:
+        K: ``[B, T, m, n]`` feedback gains.
+        k: ``[B, T, m]`` feedforward terms.
+        free: ``[B, T, m]`` bool, controls not held at a bound (all True if unconstrained).
+        dV: ``[B, 2]`` expected cost change coefficients: a step alpha changes the cost by
+            ``alpha * dV[:, 0] + alpha**2 * dV[:, 1]``.
+        ok: ``[B]`` bool, every control Hessian was positive definite.
+    """
+
+    K: Tensor
+    k: Tensor
+    free: Tensor
+    dV: Tensor
+    ok: Tensor
+
+
+def _control_step(Quu, Qux, qu, t, lower, upper, free, reg):
+    """Gains at one step: K [B, m, n], k [B, m], free [B, m], info [B]."""
+    if reg is not None:
+        Quu = Quu + reg[:, None, None] * torch.eye(Quu.shape[-1], dtype=Quu.dtype, device=Quu.device)
+    if lower is not None:
+        qp = box_qp(Quu, qu, lower[:, t], upper[:, t])
+        f = qp.free
+        L, info = masked_cholesky(Quu, f)
+        K = -torch.cholesky_solve(Qux * f.unsqueeze(-1), L)
+        return K, qp.x, f, info
+    if free is not None:
+        f = free[:, t]
+        L, info = masked_cholesky(Quu, f)
+        rhs = torch.cat([Qux, qu.unsqueeze(-1)], -1) * f.unsqueeze(-1)
+    else:
+        f = torch.ones_like(qu, dtype=torch.bool)
+        L, info = torch.linalg.cholesky_ex(Quu)
+        rhs = torch.cat([Qux, qu.unsqueeze(-1)], -1)
+    sol = -torch.cholesky_solve(rhs, L)  # [B, m, n+1]
+    return sol[..., :-1], sol[..., -1], f, info
+
+
+def riccati(
+    C: Tensor,
+    c: Tensor,
+    F: Tensor,
+    d: Tensor | None = None,
+    lower: Tensor | None = None,
+    upper: Tensor | None = None,
+    free: Tensor | None = None,
+    reg: Tensor | None = None,
+) -> Gains:
+    """Backward Riccati recursion.
+
+    Args:
+        C: ``[B, T, p, p]`` cost Hessians.
+        c: ``[B, T, p]`` cost gradients (linear terms).
+        F: ``[B, T-1, n, p]`` dynamics Jacobians.
+        d: ``[B, T-1, n]`` dynamics offsets (defects), or None for zero.
+        lower, upper: ``[B, T, m]`` bounds on du (box mode), or None.
+        free: ``[B, T, m]`` bool, fixed free set (fixed-set mode), or None.
+        reg: ``[B]`` Levenberg-Marquardt term added to each control Hessian, or None.
+
+    Returns:
+        Gains.
+    """
+    B, T, p, _ = C.shape
+    n = F.shape[-2]
+    Ks, ks, frees = [None] * T, [None] * T, [None] * T
+    dV = C.new_zeros(B, 2)
+    ok = torch.ones(B, dtype=torch.bool, device=C.device)
+    V = v = None
+    for t in range(T - 1, -1, -1):
+        Q, q = C[:, t], c[:, t]
+        if V is not None:
+            Ft = F[:, t]
+            FtV = Ft.mT @ V  # [B, p, n]
+            Q = Q + FtV @ Ft
+            w = v if d is None else v + (V @ d[:, t].unsqueeze(-1)).squeeze(-1)
+            q = q + (Ft.mT @ w.unsqueeze(-1)).squeeze(-1)
+        Qxx, Qxu, Qux, Quu = Q[:, :n, :n], Q[:, :n, n:], Q[:, n:, :n], Q[:, n:, n:]
+        qx, qu = q[:, :n], q[:, n:]
+        K, k, f, info = _control_step(Quu, Qux, qu, t, lower, upper, free, reg)
+        ok = ok & (info == 0)
+        Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
+        V = Qxx + Qxu @ K + K.mT @ Qux + K.mT @ Quu @ K
+        V = 0.5 * (V + V.mT)
+        v = qx + (Qxu @ k.unsqueeze(-1)).squeeze(-1) + (K.mT @ (Quu_k + qu).unsqueeze(-1)).squeeze(-1)
+        dV = dV + torch.stack([(k * qu).sum(-1), 0.5 * (k * Quu_k).sum(-1)], -1)
+        Ks[t], ks[t], frees[t] = K, k, f
+    return Gains(torch.stack(Ks, 1), torch.stack(ks, 1), torch.stack(frees, 1), dV, ok)
+
+
+def rollout_affine(gains: Gains, F: Tensor, d: Tensor | None, dx0: Tensor) -> tuple[Tensor, Tensor]:
+    """Roll the linear dynamics forward under ``du_t = K_t dx_t + k_t``.
+
+    Args:
+        gains: from ``riccati``.
+        F: ``[B, T-1, n, p]``.
+        d: ``[B, T-1, n]`` or None.
+        dx0: ``[B, n]``.
+
+    Returns:
+        dx ``[B, T, n]``, du ``[B, T, m]``.
+    """
+    T = gains.k.shape[1]
+    xs, us = [], []
+    x = dx0
+    for t in range(T):
+        u = (gains.K[:, t] @ x.unsqueeze(-1)).squeeze(-1) + gains.k[:, t]
+        xs.append(x)
+        us.append(u)
+        if t < T - 1:
+            x = (F[:, t] @ torch.cat([x, u], -1).unsqueeze(-1)).squeeze(-1)
+            if d is not None:
+                x = x + d[:, t]
+    return torch.stack(xs, 1), torch.stack(us, 1)
+
+
+def costate(gx: Tensor, Fx: Tensor) -> Tensor:
+    """Multipliers of the dynamics constraints from stationarity in x.
+
+    ``lam_{T-1} = gx_{T-1}``, ``lam_t = gx_t + Fx_t' lam_{t+1}``: with the Lagrangian
+    ``cost + lam_0'(x_init - x_0) + sum_t lam_{t+1}'(f(x_t, u_t) - x_{t+1})``.
+
+    Args:
+        gx: ``[B, T, n]`` gradient of the (Lagrangian's) cost terms w.r.t. x_t.
+        Fx: ``[B, T-1, n, n]`` state Jacobians of the dynamics.
+
+    Returns:
+        lam ``[B, T, n]``.
+    """
+    T = gx.shape[1]
+    lam = [None] * T
+    lam[T - 1] = gx[:, T - 1]
+    for t in range(T - 2, -1, -1):
+        lam[t] = gx[:, t] + (Fx[:, t].mT @ lam[t + 1].unsqueeze(-1)).squeeze(-1)
+    return torch.stack(lam, 1)

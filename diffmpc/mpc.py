@@ -1,0 +1,381 @@
+"""MPC: the layer users call, and its implicit backward pass.
+
+Forward: ``ilqr.ilqr`` solves the batch without building a graph. Backward (default): implicit
+differentiation of the KKT conditions at the solution with the active controls held at their
+bounds. With ``z = (tau, lam)`` and the Lagrangian
+
+    L(z; theta) = sum_t cost_t(tau_t) + lam_0'(x_init - x_0) + sum_t lam_{t+1}'(f(tau_t) - x_{t+1}),
+
+the solution satisfies ``G(z*, theta) = grad_z L = 0``, so ``dz*/dtheta = -K^{-1} dG/dtheta`` with
+``K = dG/dz = [[H, J'], [J, 0]]`` (H: Hessian of L in tau, which holds the dynamics' curvature
+``sum_i lam_i Hess f_i``; J: Jacobian of the constraints). The layer returns
+``tau_out = tau* + S(G(z*, theta))`` where S is zero in the forward pass and has the adjoint
+``-K^{-1}`` in the backward pass (``_AdjointSolve``): autograd then carries ``-K^{-1} dl/dtau``
+through ``dG/dtheta`` into every tensor and parameter that G depends on (cost, dynamics, x_init,
+bounds). ``K^{-1}`` applied to ``[g; 0]`` is one more LQR solve: ``min 1/2 w'Hw + g'w`` subject
+to the linearized dynamics from ``w_x0 = 0`` with the active controls fixed, and its costate.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+from diffmpc.checks import as_bound, check_tensor
+from diffmpc.cost import QuadCost
+from diffmpc.dynamics import LinearDynamics
+from diffmpc.expand import TrajCost, TrajDynamics
+from diffmpc.ilqr import IterResult, SolverOptions, ilqr
+from diffmpc.lqr import costate, riccati, rollout_affine
+
+__all__ = ["MPC", "MPCSolution", "BackwardMode", "Unconverged"]
+
+
+class BackwardMode(str, Enum):
+    """How gradients are computed.
+
+    IMPLICIT: exact implicit differentiation of the KKT conditions (default).
+    GAUSS_NEWTON: the same without the dynamics' second-order terms (Amos et al. 2018, as in
+        mpc.pytorch): exact for linear dynamics, approximate otherwise.
+    UNROLL: autograd through every solver iteration (for checking; memory grows with iterations).
+    """
+
+    IMPLICIT = "implicit"
+    GAUSS_NEWTON = "gauss_newton"
+    UNROLL = "unroll"
+
+
+class Unconverged(str, Enum):
+    """What happens to samples that did not converge within ``max_iter``.
+
+    WARN: keep their gradients and warn (default). KEEP: keep silently. ZERO: their outputs carry
+    no gradient. RAISE: raise RuntimeError.
+    """
+
+    WARN = "warn"
+    KEEP = "keep"
+    ZERO = "zero"
+    RAISE = "raise"
+
+
+@dataclass
+class MPCSolution:
+    """Solution of a batch of MPC problems.
+
+    Attributes:
+        x: ``[B, T, n]`` states.
+        u: ``[B, T, m]`` controls.
+        objective: ``[B]`` total cost.
+        converged: ``[B]`` bool.
+        iterations: ``[B]`` iterations taken.
+        step_norm: ``[B]`` inf-norm of the last control step.
+    """
+
+    x: Tensor
+    u: Tensor
+    objective: Tensor
+    converged: Tensor
+    iterations: Tensor
+    step_norm: Tensor
+
+
+def _enum(cls, name: str, value):
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(repr(c.value) for c in cls)
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}") from None
+
+
+class MPC(nn.Module):
+    """Differentiable box-constrained MPC (iLQR / box-DDP) over a batch.
+
+    Solves, for each of B problems, ``min sum_t cost_t(x_t, u_t)`` subject to ``x_0 = x_init``,
+    ``x_{t+1} = f(x_t, u_t)`` and ``u_lower <= u_t <= u_upper``, with T states and T controls.
+
+    Args:
+        n_state: n. n_ctrl: m. horizon: T (>= 1).
+        u_lower, u_upper: None, floats or tensors broadcastable to ``[B, T, m]``; tensors may
+            require grad.
+        backward: "implicit" (default), "gauss_newton" or "unroll" (see BackwardMode).
+        unconverged: "warn" (default), "keep", "zero" or "raise" (see Unconverged).
+        **solver_options: fields of ``SolverOptions`` (max_iter, tol, line_search_steps, ...).
+
+    Example:
+        >>> import torch, diffmpc as dm
+        >>> n, m, T, B = 2, 1, 5, 3
+        >>> mpc = dm.MPC(n, m, T, u_lower=-1.0, u_upper=1.0)
+        >>> F = torch.tensor([[1.0, 0.1, 0.0], [0.0, 1.0, 0.1]], dtype=torch.float64)
+        >>> cost = dm.QuadCost(torch.eye(n + m, dtype=torch.float64))
+        >>> sol = mpc(torch.ones(B, n, dtype=torch.float64), cost, dm.LinearDynamics(F))
+        >>> sol.u.shape, bool(sol.converged.all())
+        (torch.Size([3, 5, 1]), True)
+    """
+
+    def __init__(self, n_state: int, n_ctrl: int, horizon: int, u_lower=None, u_upper=None, *,
+                 backward: str = "implicit", unconverged: str = "warn", **solver_options) -> None:
+        super().__init__()
+        for name, v in (("n_state", n_state), ("n_ctrl", n_ctrl), ("horizon", horizon)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        valid = {f.name for f in fields(SolverOptions)}
+        unknown = sorted(set(solver_options) - valid)
+        if unknown:
+            raise ValueError(f"solver_options: expected keywords among {sorted(valid)}, "
+                             f"got {unknown}")
+        self.n_state, self.n_ctrl, self.horizon = n_state, n_ctrl, horizon
+        self.u_lower, self.u_upper = u_lower, u_upper
+        self.backward_mode = _enum(BackwardMode, "backward", backward)
+        self.unconverged = _enum(Unconverged, "unconverged", unconverged)
+        self.options = SolverOptions(**solver_options)
+        _check_options(self.options)
+
+    def forward(self, x_init: Tensor, cost, dynamics, u_init: Tensor | None = None) -> MPCSolution:
+        """Solve the batch.
+
+        Args:
+            x_init: ``[B, n]`` initial states (float32 or float64).
+            cost: ``QuadCost`` or a cost module ``(x [..., n], u [..., m]) -> [...]``.
+            dynamics: ``LinearDynamics`` or a module ``(x [B, n], u [B, m]) -> [B, n]``.
+            u_init: ``[B, T, m]`` warm start (broadcastable), default zeros.
+
+        Returns:
+            MPCSolution.
+        """
+        n, m, T = self.n_state, self.n_ctrl, self.horizon
+        x_init = _check_x_init(x_init, n)
+        B = x_init.shape[0]
+        if hasattr(cost, "quad_cost") and not isinstance(cost, QuadCost):
+            cost = cost.quad_cost()
+        _check_cost(cost, B, T, n, m, x_init)
+        _check_dynamics(dynamics, B, T, n, m, x_init)
+        lower, upper = self._bounds(B, T, m, x_init)
+        u0 = self._u_init(u_init, B, T, m, x_init)
+        cost_a, dyn_a = TrajCost(cost, B, T, n, m), TrajDynamics(dynamics, B, T, n, m)
+        if lower is not None:
+            lower_c, upper_c = lower.detach(), upper.detach()
+        else:
+            lower_c = upper_c = None
+        mode = self.backward_mode
+        if mode == BackwardMode.UNROLL and torch.is_grad_enabled():
+            res = ilqr(x_init, cost_a, dyn_a, u0, lower, upper, self.options, create_graph=True)
+            sol = _solution(res, res.x, res.u, res.objective)
+        else:
+            with torch.no_grad():
+                res = ilqr(x_init, cost_a, dyn_a, u0, lower_c, upper_c, self.options)
+            if torch.is_grad_enabled() and _needs_grad(x_init, cost, dynamics, lower, upper):
+                x, u, obj = _implicit(x_init, cost_a, dyn_a, res, lower, upper,
+                                      mode == BackwardMode.IMPLICIT, self.options)
+                sol = _solution(res, x, u, obj)
+            else:
+                sol = _solution(res, res.x, res.u, res.objective)
+        return self._handle_unconverged(sol)
+
+    def _bounds(self, B, T, m, ref):
+        if self.u_lower is None and self.u_upper is None:
+            return None, None
+        lower = as_bound("u_lower", self.u_lower, B, T, m, ref, -1.0)
+        upper = as_bound("u_upper", self.u_upper, B, T, m, ref, 1.0)
+        if bool((lower > upper).any()):
+            bad = int((lower > upper).sum())
+            raise ValueError(f"u_lower, u_upper: expected u_lower <= u_upper elementwise, got "
+                             f"{bad} entries with u_lower > u_upper")
+        return lower, upper
+
+    def _u_init(self, u_init, B, T, m, ref):
+        if u_init is None:
+            return ref.new_zeros(B, T, m)
+        check_tensor("u_init", u_init, (B, T), (m,), ref)
+        return u_init.detach().expand(B, T, m)
+
+    def _handle_unconverged(self, sol: MPCSolution) -> MPCSolution:
+        bad = ~sol.converged
+        if not bool(bad.any()):
+            return sol
+        k, B = int(bad.sum()), bad.numel()
+        msg = (f"MPC: {k} of {B} samples did not converge in max_iter={self.options.max_iter} "
+               f"iterations (see MPCSolution.converged)")
+        if self.unconverged == Unconverged.RAISE:
+            raise RuntimeError(msg)
+        if self.unconverged == Unconverged.WARN:
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        if self.unconverged == Unconverged.ZERO:
+            keep = sol.converged
+            sol.x = torch.where(keep[:, None, None], sol.x, sol.x.detach())
+            sol.u = torch.where(keep[:, None, None], sol.u, sol.u.detach())
+            sol.objective = torch.where(keep, sol.objective, sol.objective.detach())
+        return sol
+
+    def extra_repr(self) -> str:
+        return (f"n_state={self.n_state}, n_ctrl={self.n_ctrl}, horizon={self.horizon}, "
+                f"backward={self.backward_mode.value}, max_iter={self.options.max_iter}")
+
+
+def _solution(res: IterResult, x, u, obj) -> MPCSolution:
+    return MPCSolution(x=x, u=u, objective=obj, converged=res.converged,
+                       iterations=res.iterations, step_norm=res.step_norm)
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """Zero in the forward pass; ``-K^{-1} [g; 0]`` in the backward pass.
+
+    Inputs: data = (H [B, T, p, p], F [B, T-1, n, p], free [B, T, m]) and the KKT residual
+    blocks Gx [B, T, n], Gu [B, T, m], Glam [B, T, n]. Outputs: dx [B, T, n], du [B, T, m].
+    """
+
+    @staticmethod
+    def forward(data, Gx, Gu, Glam):
+        return torch.zeros_like(Gx), torch.zeros_like(Gu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.data = inputs[0]
+
+    # Backward: (w, nu) solves K [w; nu] = -[g; 0]. With the LQR of linear term +g (below),
+    # whose solution w and costate nu satisfy H w + g + J' nu = 0 and J w = 0, we get exactly
+    # (w, nu) = -K^{-1}[g; 0], which is the vector-Jacobian product of S.
+    @staticmethod
+    def backward(ctx, gx, gu):
+        H, F, free = ctx.data
+        n = F.shape[-2]
+        gx = torch.zeros_like(H[..., :n, 0]) if gx is None else gx
+        gu = torch.zeros_like(H[..., n:, 0]) if gu is None else gu
+        g = torch.cat([gx, gu * free], -1)
+        gains = riccati(H, g, F, None, free=free)
+        wx, wu = rollout_affine(gains, F, None, torch.zeros_like(gx[:, 0]))
+        w = torch.cat([wx, wu], -1)
+        r = (H @ w.unsqueeze(-1)).squeeze(-1) + g
+        nu = costate(r[..., :n], F[..., :n])
+        if not bool(gains.ok.all()):
+            warnings.warn("MPC backward: the Hessian of the Lagrangian is not positive definite on "
+                          "the free controls for some samples; their gradients are set to zero",
+                          RuntimeWarning, stacklevel=2)
+            ok = gains.ok[:, None, None]
+            wx, wu, nu = (torch.where(ok, a, torch.zeros_like(a)) for a in (wx, wu, nu))
+        return None, wx, wu, nu
+
+
+def _active(u: Tensor, lower: Tensor | None, upper: Tensor | None):
+    if lower is None:
+        none = torch.zeros_like(u, dtype=torch.bool)
+        return none, none
+    eps = 10 * torch.finfo(u.dtype).eps
+    lo, hi = lower.detach(), upper.detach()
+    return u <= lo + eps * (1 + lo.abs()), u >= hi - eps * (1 + hi.abs())
+
+
+def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opts):
+    """Outputs carrying implicit gradients: x ``[B, T, n]``, u ``[B, T, m]``, objective ``[B]``."""
+    n = x_init.shape[-1]
+    x, u = res.x.detach(), res.u.detach()
+    lo_act, hi_act = _active(u, lower, upper)
+    with torch.no_grad():
+        H, g = cost.quadratize(x, u, psd_floor=None if exact else opts.psd_floor)
+        F = dyn.jacobian(x[:, :-1], u[:, :-1])
+        lam = costate(g[..., :n], F[..., :n])
+        curv = dyn.curvature(x[:, :-1], u[:, :-1], lam[:, 1:]) if exact else None
+        if curv is not None:
+            H = torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
+    with torch.enable_grad():
+        xs, us = x.clone().requires_grad_(True), u.clone().requires_grad_(True)
+        u_eff = us if lower is None else torch.where(lo_act, lower, torch.where(hi_act, upper, us))
+        nxt = dyn.all(xs[:, :-1], u_eff[:, :-1])
+        Glam = torch.cat([(x_init - xs[:, 0]).unsqueeze(1), nxt - xs[:, 1:]], 1)
+        lagr = cost.value(xs, u_eff).sum() + (lam * Glam).sum()
+        Gx, Gu = torch.autograd.grad(lagr, (xs, us), create_graph=True)
+        free = ~(lo_act | hi_act)
+        dx, du = _AdjointSolve.apply((H, F, free), Gx, Gu, Glam)
+        x_out = x + dx
+        u_out = u + du
+        if lower is not None:
+            u_out = torch.where(lo_act, lower, torch.where(hi_act, upper, u_out))
+        obj = cost.value(x_out, u_out).sum(-1)
+    return x_out, u_out, obj
+
+
+def _check_x_init(x_init, n: int) -> Tensor:
+    if not isinstance(x_init, Tensor):
+        raise ValueError(f"x_init: expected a torch.Tensor of shape [B, {n}], "
+                         f"got {type(x_init).__name__}")
+    if x_init.dim() != 2 or x_init.shape[1] != n:
+        raise ValueError(f"x_init: expected shape [B, {n}], got shape {tuple(x_init.shape)}")
+    if x_init.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"x_init: expected dtype float32 or float64, got {x_init.dtype}")
+    if x_init.shape[0] < 1:
+        raise ValueError("x_init: expected a batch of at least one sample, got B = 0")
+    check_tensor("x_init", x_init, (), (x_init.shape[0], n))
+    return x_init
+
+
+def _check_cost(cost, B, T, n, m, ref) -> None:
+    p = n + m
+    if isinstance(cost, QuadCost):
+        C = check_tensor("cost.C", cost.C, (B, T), (p, p), ref)
+        if cost.c is not None:
+            check_tensor("cost.c", cost.c, (B, T), (p,), ref)
+        asym = (C - C.mT).detach().abs().amax()
+        if float(asym) > 1e-6 * (1 + float(C.detach().abs().amax())):
+            raise ValueError(f"cost.C: expected symmetric matrices, got max |C - C^T| = "
+                             f"{float(asym):.3g}")
+        _, info = torch.linalg.cholesky_ex(C.detach()[..., n:, n:])
+        if bool((info != 0).any()):
+            raise ValueError("cost.C: expected a positive definite control block C[..., n:, n:], "
+                             f"got {int((info != 0).sum())} blocks that are not")
+    elif not callable(cost):
+        raise ValueError(f"cost: expected a QuadCost or a callable cost(x, u), "
+                         f"got {type(cost).__name__}")
+    else:
+        with torch.no_grad():
+            out = cost(ref[:1, None].expand(1, 1, n), ref.new_zeros(1, 1, m))
+        if not isinstance(out, Tensor) or tuple(out.shape) != (1, 1):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"cost: expected cost(x [..., {n}], u [..., {m}]) to return shape "
+                             f"[...] (here [1, 1]), got {shape}")
+
+
+def _check_dynamics(dyn, B, T, n, m, ref) -> None:
+    p = n + m
+    if isinstance(dyn, LinearDynamics):
+        check_tensor("dynamics.F", dyn.F, (B, T - 1), (n, p), ref)
+        if dyn.f is not None:
+            check_tensor("dynamics.f", dyn.f, (B, T - 1), (n,), ref)
+    elif not callable(dyn):
+        raise ValueError(f"dynamics: expected a LinearDynamics or a callable dynamics(x, u), "
+                         f"got {type(dyn).__name__}")
+    else:
+        with torch.no_grad():
+            out = dyn(ref[:1], ref.new_zeros(1, m))
+        if not isinstance(out, Tensor) or tuple(out.shape) != (1, n):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"dynamics: expected dynamics(x [B, {n}], u [B, {m}]) to return "
+                             f"shape [B, {n}], got {shape} for B = 1")
+
+
+def _check_options(o: SolverOptions) -> None:
+    if not isinstance(o.max_iter, int) or o.max_iter < 1:
+        raise ValueError(f"max_iter: expected a positive int, got {o.max_iter!r}")
+    if o.tol is not None and not o.tol > 0:
+        raise ValueError(f"tol: expected None or a positive float, got {o.tol!r}")
+    if not isinstance(o.line_search_steps, int) or o.line_search_steps < 1:
+        raise ValueError(f"line_search_steps: expected a positive int, got {o.line_search_steps!r}")
+    if not 0 < o.line_search_decay < 1:
+        raise ValueError(f"line_search_decay: expected a float in (0, 1), "
+                         f"got {o.line_search_decay!r}")
+
+
+def _needs_grad(x_init, cost, dynamics, lower, upper) -> bool:
+    tensors = [x_init, lower, upper]
+    for obj in (cost, dynamics):
+        if isinstance(obj, QuadCost):
+            tensors += [obj.C, obj.c]
+        elif isinstance(obj, LinearDynamics):
+            tensors += [obj.F, obj.f]
+        elif isinstance(obj, nn.Module):
+            tensors += list(obj.parameters())
+        else:
+            return True  # an opaque callable may close over tensors that require grad
+    return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
