@@ -79,7 +79,7 @@ def box_qp(
         H: ``[B, m, m]`` symmetric positive definite.
         q: ``[B, m]``.
         lower, upper: ``[B, m]`` bounds (``-inf``/``inf`` allowed), lower <= upper.
-        x0: ``[B, m]`` warm start (projected onto the box), default zeros.
+        x0: ``[B, m]`` warm start (projected onto the box); default: the unconstrained minimizer.
         max_iter: Newton iterations at most.
         tol: stop when the free gradient's inf-norm <= tol * (1 + |q|_inf); default from dtype.
         n_steps: step sizes ``1, 1/2, ..., 2^-(n_steps-1)`` tried per iteration.
@@ -90,8 +90,15 @@ def box_qp(
     if tol is None:
         tol = 1e3 * torch.finfo(H.dtype).eps
     B = H.shape[0]
-    x = torch.zeros_like(q) if x0 is None else x0
-    x = torch.maximum(torch.minimum(x, upper), lower)
+    if x0 is None:  # start from the unconstrained minimizer; done if it is feasible
+        L, info = torch.linalg.cholesky_ex(H)
+        x0 = -torch.cholesky_solve(q.unsqueeze(-1), L).squeeze(-1)
+        inside = (x0 >= lower) & (x0 <= upper)
+        if bool(inside.all()) and not bool(info.any()):
+            ones = torch.ones(B, dtype=torch.bool, device=H.device)
+            return BoxQPResult(x0, inside, ones, torch.ones(B, dtype=torch.long, device=H.device))
+        x0 = torch.where(torch.isfinite(x0), x0, torch.zeros_like(x0))
+    x = torch.maximum(torch.minimum(x0, upper), lower)
     alphas = 0.5 ** torch.arange(n_steps, dtype=H.dtype, device=H.device)  # [A]
     scale = tol * (1.0 + q.abs().amax(-1))
     iters = torch.zeros(B, dtype=torch.long, device=H.device)

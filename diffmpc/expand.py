@@ -121,7 +121,8 @@ class TrajDynamics:
             _, J = batch_jacobian(lambda zz: self.raw(zz[:, :n], zz[:, n:]), z, n, create_graph)
         return J.reshape(*lead, n, n + self.m)
 
-    def curvature(self, x: Tensor, u: Tensor, lam: Tensor) -> Tensor | None:
+    def curvature(self, x: Tensor, u: Tensor, lam: Tensor,
+                  create_graph: bool = False) -> Tensor | None:
         """``sum_i lam_i * Hessian(f_i)`` ``[B, T-1, p, p]``, or None for linear dynamics."""
         if self.linear:
             return None
@@ -133,7 +134,7 @@ class TrajDynamics:
             r = zz.shape[0] // lam.shape[0]
             return (self.raw(zz[:, :n], zz[:, n:]) * lam.repeat(r, 1)).sum(-1)
 
-        _, _, H = batch_hessian(weighted, z)
+        _, _, H = batch_hessian(weighted, z, create_graph)
         return H.reshape(*lead, n + self.m, n + self.m)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from diffmpc.expand import TrajCost, TrajDynamics
-from diffmpc.lqr import Gains, riccati
+from diffmpc.lqr import Gains, costate, riccati
 
 __all__ = ["SolverOptions", "IterResult", "ilqr", "rollout"]
 
@@ -36,6 +36,9 @@ class SolverOptions:
         line_search_decay: ratio between consecutive step sizes.
         reg_init, reg_factor, reg_max: Levenberg-Marquardt term on the control Hessian, used only
             after a failed factorization or line search; a sample whose term exceeds reg_max stops.
+        second_order: add the dynamics' curvature (costate times the Hessian of f) to the
+            Riccati pass, i.e. Newton steps on the controls (quadratic convergence), falling back
+            to Gauss-Newton (iLQR) for a sample whose control Hessian is not positive definite.
         psd_floor: eigenvalue floor that makes non-convex cost Hessians positive definite in the
             forward solve (eigenvalues below it are raised to it).
     """
@@ -48,6 +51,7 @@ class SolverOptions:
     reg_factor: float = 10.0
     reg_max: float = 1e8
     psd_floor: float = 1e-8
+    second_order: bool = True
 
 
 @dataclass
@@ -87,12 +91,36 @@ def _closed_loop(dyn, x_init, x, u, gains: Gains, alphas, lower, upper):
     return torch.stack(xs, 2), torch.stack(us, 2)
 
 
-def _pick(alphas, J0, Jc):
-    """Index of the largest step with strictly lower cost per sample, and whether one exists."""
+def _pick(J0, Jc, floor, near):
+    """Index of the largest step with lower cost per sample, and whether one exists.
+
+    A step must lower the cost strictly, except where the predicted decrease is already at the
+    rounding floor (``near``): there a full step that does not raise the cost beyond ``floor`` is
+    taken, so that the last digits of the solution are not left to rounding noise.
+    """
     better = Jc < J0.unsqueeze(0)  # [A, B]
+    better[0] |= near & (Jc[0] <= J0 + floor)
     found = better.any(0)
     first = better.to(torch.int8).argmax(0)
     return first, found
+
+
+def _gains(x, u, C, c, F, dyn, lo, hi, reg, second_order, create_graph) -> Gains:
+    """Riccati pass with the Lagrangian's Hessian (Newton) where it is positive definite on the
+    controls, and with the cost's Hessian alone (Gauss-Newton) elsewhere."""
+    if not second_order or dyn.linear:
+        return riccati(C, c, F, None, lo, hi, None, reg)
+    n = x.shape[-1]
+    lam = costate(c[..., :n], F[..., :n])
+    curv = dyn.curvature(x[:, :-1], u[:, :-1], lam[:, 1:], create_graph)
+    newton = riccati(torch.cat([C[:, :-1] + curv, C[:, -1:]], 1), c, F, None, lo, hi, None, reg)
+    if bool(newton.ok.all()):
+        return newton
+    gn = riccati(C, c, F, None, lo, hi, None, reg)
+    ok = newton.ok
+    pick = lambda a, b: torch.where(ok.view(-1, *([1] * (a.dim() - 1))), a, b)  # noqa: E731
+    return Gains(pick(newton.K, gn.K), pick(newton.k, gn.k), pick(newton.free, gn.free),
+                 pick(newton.dV, gn.dV), ok | gn.ok)
 
 
 def _iterate(x_init, cost, dyn, x, u, J, lower, upper, reg, opts, tol, create_graph, exact):
@@ -105,7 +133,7 @@ def _iterate(x_init, cost, dyn, x, u, J, lower, upper, reg, opts, tol, create_gr
     F = dyn.jacobian(x[:, :-1], u[:, :-1], create_graph=create_graph)
     lo = None if lower is None else lower - u
     hi = None if upper is None else upper - u
-    gains = riccati(C, c, F, None, lo, hi, None, reg)
+    gains = _gains(x, u, C, c, F, dyn, lo, hi, reg, opts.second_order, create_graph)
     scale = 1.0 + u.detach().abs().flatten(1).amax(-1)
     newton = gains.k.detach().abs().flatten(1).amax(-1)
     expected = -(gains.dV[:, 0] + gains.dV[:, 1]).detach()
@@ -113,7 +141,8 @@ def _iterate(x_init, cost, dyn, x, u, J, lower, upper, reg, opts, tol, create_gr
     alphas = opts.line_search_decay ** torch.arange(n_alpha, dtype=x.dtype, device=x.device)
     Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
     Jc = cost.value(Xc, Uc).sum(-1)  # [A, B]
-    first, found = _pick(alphas, J.detach(), Jc.detach())
+    floor = 100 * torch.finfo(x.dtype).eps * (1.0 + J.detach().abs())
+    first, found = _pick(J.detach(), Jc.detach(), floor, expected <= floor)
     found = found & gains.ok
     ar = torch.arange(B, device=x.device)
     keep = ~found
@@ -121,7 +150,6 @@ def _iterate(x_init, cost, dyn, x, u, J, lower, upper, reg, opts, tol, create_gr
     u_new = torch.where(keep[:, None, None], u, Uc[first, ar])
     J_new = torch.where(keep, J, Jc[first, ar])
     step = torch.where(found, (u_new - u).detach().abs().flatten(1).amax(-1), torch.zeros_like(scale))
-    floor = 100 * torch.finfo(x.dtype).eps * (1.0 + J.detach().abs())
     stationary = gains.ok & ((newton <= tol * scale) | (~found & (expected <= floor)))
     converged = stationary | (found & ((step <= tol * scale) | exact))
     reg = torch.where(found, reg / opts.reg_factor, torch.clamp(reg * opts.reg_factor,

@@ -1,0 +1,63 @@
+"""Helpers shared by the physical models: input checks, positive parameters, integrators."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from diffmpc.dynamics import euler_step, rk4_step
+
+METHODS = ("euler", "rk4")
+
+
+def check_method(owner: str, method: str) -> str:
+    """Return ``method`` if it is one of ``METHODS``; raise ValueError otherwise."""
+    if method not in METHODS:
+        raise ValueError(f"{owner}: method must be one of {list(METHODS)}, got {method!r}")
+    return method
+
+
+def check_positive(owner: str, name: str, value: float) -> float:
+    """Return ``value`` as a float if it is a finite number > 0; raise ValueError otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def log_param(owner: str, name: str, value: float, dtype: torch.dtype | None) -> nn.Parameter:
+    """A learnable ``log(value)`` (``dtype``, None: the default), so that its ``exp`` is
+    positive by construction.
+
+    Raises:
+        ValueError: if ``value`` is not a finite number > 0.
+    """
+    value = check_positive(owner, name, value)
+    return nn.Parameter(torch.tensor(math.log(value), dtype=dtype or torch.get_default_dtype()))
+
+
+def check_xu(owner: str, x: Tensor, u: Tensor, n: int, m: int) -> None:
+    """Check ``x [..., n]`` and ``u [..., m]`` are float tensors with the same leading dims.
+
+    Raises:
+        ValueError: naming the argument, the expected and the given shape or type.
+    """
+    for name, t, size in (("x", x, n), ("u", u, m)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{owner}: {name} must be a floating-point torch.Tensor, got {got}")
+        if t.dim() < 1 or t.shape[-1] != size:
+            raise ValueError(f"{owner}: {name} must have shape [B, {size}], got {tuple(t.shape)}")
+    if x.shape[:-1] != u.shape[:-1]:
+        raise ValueError(
+            f"{owner}: x and u must have the same batch dims, got x {tuple(x.shape)} "
+            f"and u {tuple(u.shape)}"
+        )
+
+
+def explicit_step(xdot, q: Tensor, u: Tensor, dt: float, method: str) -> Tensor:
+    """One explicit Euler or RK4 step of ``qdot = xdot(q, u)`` (control held constant)."""
+    step = euler_step if method == "euler" else rk4_step
+    return step(xdot, q, u, dt)

@@ -1,0 +1,140 @@
+"""Cart-pole (a pole hinged on a cart on a frictionless track), the physics of mpc.pytorch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from diffmpc.cost import GoalCost
+from diffmpc.systems._common import (
+    check_method,
+    check_positive,
+    check_xu,
+    explicit_step,
+    log_param,
+)
+
+__all__ = ["Cartpole"]
+
+
+class Cartpole(nn.Module):
+    """Cart-pole swing-up model with learnable gravity, masses and pole half-length.
+
+    State ``x = [p, pdot, cos th, sin th, thdot]`` (cart position, its velocity, pole angle
+    with ``th = 0`` upright, its rate); control ``u = [force]`` in N on the cart. With
+    ``M = m_cart + m_pole`` and ``a = (u + m_pole l thdot^2 sin th) / M`` (the classic
+    cart-pole of Barto, Sutton and Anderson, pole half-length ``l``)::
+
+        thddot = (g sin th - cos th a) / (l (4/3 - m_pole cos^2 th / M))
+        pddot  = a - m_pole l thddot cos th / M
+
+    ``method="euler"`` is the explicit Euler step of mpc.pytorch's ``CartpoleDx`` on
+    ``(p, pdot, th, thdot)`` (its accelerations read ``cos th``, ``sin th`` from the state);
+    ``method="rk4"`` integrates the same ODE with classical RK4.
+
+    Differences from ``CartpoleDx``: ``u`` is not clamped inside the model (the solver enforces
+    the bounds, the envs clip actions).
+
+    Args:
+        g, m_cart, m_pole, l: gravity (m/s^2), cart and pole masses (kg), pole half-length (m);
+            learnable, positive (stored as logs).
+        dt: time step (s).
+        method: ``"euler"`` or ``"rk4"``.
+        max_force: the control bounds are ``[-max_force, max_force]`` (CartpoleDx: 100 N).
+        dtype: dtype of the parameters and bounds (None: ``torch.get_default_dtype()``).
+
+    Example:
+        >>> cp = Cartpole()
+        >>> cp(torch.tensor([[0.0, 0.0, -1.0, 0.0, 0.0]]), torch.zeros(1, 1)).shape
+        torch.Size([1, 5])
+    """
+
+    n_state = 5
+    n_ctrl = 1
+
+    def __init__(
+        self,
+        g: float = 9.8,
+        m_cart: float = 1.0,
+        m_pole: float = 0.1,
+        l: float = 0.5,
+        dt: float = 0.05,
+        method: str = "euler",
+        max_force: float = 100.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.log_g = log_param("Cartpole", "g", g, dtype)
+        self.log_m_cart = log_param("Cartpole", "m_cart", m_cart, dtype)
+        self.log_m_pole = log_param("Cartpole", "m_pole", m_pole, dtype)
+        self.log_l = log_param("Cartpole", "l", l, dtype)
+        self.dt = check_positive("Cartpole", "dt", dt)
+        self.method = check_method("Cartpole", method)
+        bound = check_positive("Cartpole", "max_force", max_force)
+        self.register_buffer("u_lower", torch.tensor([-bound], dtype=dtype))
+        self.register_buffer("u_upper", torch.tensor([bound], dtype=dtype))
+
+    @property
+    def g(self) -> Tensor:
+        return self.log_g.exp()
+
+    @property
+    def m_cart(self) -> Tensor:
+        return self.log_m_cart.exp()
+
+    @property
+    def m_pole(self) -> Tensor:
+        return self.log_m_pole.exp()
+
+    @property
+    def l(self) -> Tensor:
+        return self.log_l.exp()
+
+    def accel(self, cos_th: Tensor, sin_th: Tensor, thdot: Tensor, force: Tensor):
+        """Cart and pole accelerations ``(pddot, thddot)`` ``[...]`` from ``[...]`` tensors."""
+        M, mp, l = self.m_cart + self.m_pole, self.m_pole, self.l
+        a = (force + mp * l * thdot**2 * sin_th) / M
+        thddot = (self.g * sin_th - cos_th * a) / (l * (4.0 / 3.0 - mp * cos_th**2 / M))
+        pddot = a - mp * l * thddot * cos_th / M
+        return pddot, thddot
+
+    def _qdot(self, q: Tensor, u: Tensor, cos_th: Tensor, sin_th: Tensor) -> Tensor:
+        """``q = [p, pdot, th, thdot] [..., 4]`` -> ``qdot [..., 4]`` at the given cos/sin."""
+        _, v, _, w = q.unbind(-1)
+        pddot, thddot = self.accel(cos_th, sin_th, w, u[..., 0])
+        return torch.stack([v, pddot, w, thddot], -1)
+
+    def forward(self, x: Tensor, u: Tensor) -> Tensor:
+        """One step: ``x [B, 5]``, ``u [B, 1]`` -> next state ``[B, 5]``."""
+        check_xu("Cartpole", x, u, self.n_state, self.n_ctrl)
+        p, v, c, s, w = x.unbind(-1)
+        q = torch.stack([p, v, torch.atan2(s, c), w], -1)
+        if self.method == "euler":
+            q = q + self.dt * self._qdot(q, u, c, s)
+        else:
+
+            def qdot(q: Tensor, u: Tensor) -> Tensor:
+                th = q[..., 2]
+                return self._qdot(q, u, torch.cos(th), torch.sin(th))
+
+            q = explicit_step(qdot, q, u, self.dt, "rk4")
+        p, v, th, w = q.unbind(-1)
+        return torch.stack([p, v, torch.cos(th), torch.sin(th), w], -1)
+
+    def default_cost(self, **kwargs) -> GoalCost:
+        """CartpoleDx's cost: goal ``[0, 0, 1, 0, 0]``, weights ``[0.1, 0.1, 1, 1, 0.1]``,
+        control 0.001, i.e. ``1/2 sum_i w_i (x_i - goal_i)^2 + 1/2 0.001 u^2`` per step.
+
+        Args:
+            **kwargs: passed to ``GoalCost`` (``learn_goal``, ``learn_weights``).
+        """
+        dtype = self.log_g.dtype
+        return GoalCost(
+            torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=dtype),
+            torch.tensor([0.1, 0.1, 1.0, 1.0, 0.1], dtype=dtype),
+            torch.tensor([0.001], dtype=dtype),
+            **kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return f"dt={self.dt}, method={self.method!r}"

@@ -1,0 +1,124 @@
+"""Torque-driven pendulum (a uniform rod on a pivot), the physics of Gymnasium's Pendulum-v1."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from diffmpc.cost import GoalCost
+from diffmpc.systems._common import (
+    check_method,
+    check_positive,
+    check_xu,
+    explicit_step,
+    log_param,
+)
+
+__all__ = ["Pendulum"]
+
+
+class Pendulum(nn.Module):
+    """Pendulum swing-up model with learnable gravity, mass and length.
+
+    State ``x = [cos th, sin th, thdot]`` with ``th = 0`` upright (counter-clockwise positive);
+    control ``u = [torque]`` in N m. The continuous dynamics are those of a uniform rod of mass
+    ``m`` and length ``l`` pivoted at one end::
+
+        thddot = 3 g / (2 l) sin th + 3 u / (m l^2)
+
+    ``method="euler"`` is the semi-implicit Euler step of mpc.pytorch's ``PendulumDx`` and
+    Gymnasium's Pendulum-v1 (``thdot' = thdot + dt thddot``, then ``th' = th + dt thdot'``);
+    ``method="rk4"`` integrates ``(th, thdot)`` with classical RK4.
+
+    Differences from ``PendulumDx``: ``u`` is not clamped inside the model (the model stays
+    smooth; the solver enforces ``u_lower <= u <= u_upper`` and the envs clip actions), and
+    Gymnasium's clip of ``thdot`` to [-8, 8] is not modelled.
+
+    Args:
+        g, m, l: gravity (m/s^2), mass (kg), length (m); learnable, positive (stored as logs).
+        dt: time step (s).
+        method: ``"euler"`` or ``"rk4"``.
+        max_torque: the control bounds are ``[-max_torque, max_torque]``.
+        dtype: dtype of the parameters and bounds (None: ``torch.get_default_dtype()``).
+
+    Example:
+        >>> pend = Pendulum()
+        >>> pend(torch.tensor([[1.0, 0.0, 0.0]]), torch.zeros(1, 1)).shape
+        torch.Size([1, 3])
+    """
+
+    n_state = 3
+    n_ctrl = 1
+
+    def __init__(
+        self,
+        g: float = 10.0,
+        m: float = 1.0,
+        l: float = 1.0,
+        dt: float = 0.05,
+        method: str = "euler",
+        max_torque: float = 2.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.log_g = log_param("Pendulum", "g", g, dtype)
+        self.log_m = log_param("Pendulum", "m", m, dtype)
+        self.log_l = log_param("Pendulum", "l", l, dtype)
+        self.dt = check_positive("Pendulum", "dt", dt)
+        self.method = check_method("Pendulum", method)
+        bound = check_positive("Pendulum", "max_torque", max_torque)
+        self.register_buffer("u_lower", torch.tensor([-bound], dtype=dtype))
+        self.register_buffer("u_upper", torch.tensor([bound], dtype=dtype))
+
+    @property
+    def g(self) -> Tensor:
+        return self.log_g.exp()
+
+    @property
+    def m(self) -> Tensor:
+        return self.log_m.exp()
+
+    @property
+    def l(self) -> Tensor:
+        return self.log_l.exp()
+
+    def accel(self, sin_th: Tensor, torque: Tensor) -> Tensor:
+        """Angular acceleration ``thddot [...]`` from ``sin th [...]`` and ``torque [...]``."""
+        return 1.5 * self.g / self.l * sin_th + 3.0 * torque / (self.m * self.l**2)
+
+    def _qdot(self, q: Tensor, u: Tensor) -> Tensor:
+        """``q = [th, thdot] [..., 2]``, ``u [..., 1]`` -> ``[thdot, thddot] [..., 2]``."""
+        th, w = q.unbind(-1)
+        return torch.stack([w, self.accel(torch.sin(th), u[..., 0])], -1)
+
+    def forward(self, x: Tensor, u: Tensor) -> Tensor:
+        """One step: ``x [B, 3]``, ``u [B, 1]`` -> next state ``[B, 3]``."""
+        check_xu("Pendulum", x, u, self.n_state, self.n_ctrl)
+        c, s, w = x.unbind(-1)
+        th = torch.atan2(s, c)
+        if self.method == "euler":
+            w_next = w + self.dt * self.accel(s, u[..., 0])
+            th_next = th + self.dt * w_next
+        else:
+            q = explicit_step(self._qdot, torch.stack([th, w], -1), u, self.dt, "rk4")
+            th_next, w_next = q.unbind(-1)
+        return torch.stack([torch.cos(th_next), torch.sin(th_next), w_next], -1)
+
+    def default_cost(self, **kwargs) -> GoalCost:
+        """PendulumDx's cost: goal ``[1, 0, 0]``, weights ``[1, 1, 0.1]``, control 0.001.
+
+        The cost per step is ``1/2 sum_i w_i (x_i - goal_i)^2 + 1/2 0.001 u^2``.
+
+        Args:
+            **kwargs: passed to ``GoalCost`` (``learn_goal``, ``learn_weights``).
+        """
+        dtype = self.log_g.dtype
+        return GoalCost(
+            torch.tensor([1.0, 0.0, 0.0], dtype=dtype),
+            torch.tensor([1.0, 1.0, 0.1], dtype=dtype),
+            torch.tensor([0.001], dtype=dtype),
+            **kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return f"dt={self.dt}, method={self.method!r}"
