@@ -97,8 +97,11 @@ class TrajDynamics:
     def step(self, t: int, x: Tensor, u: Tensor) -> Tensor:
         """x ``[..., B, n]``, u ``[..., B, m]`` at time t -> ``[..., B, n]``."""
         if self.linear:
-            tau = torch.cat([x, u], -1).unsqueeze(-1)
-            return (self.F[:, t] @ tau).squeeze(-1) + self.f[:, t]
+            tau = torch.cat([x, u], -1)
+            extra = tau.shape[:-2]  # leading dims beyond [B] (e.g. line-search steps)
+            cols = tau.reshape(-1, *tau.shape[-2:]).permute(1, 2, 0)  # [B, p, k]
+            nxt = (self.F[:, t] @ cols).permute(2, 0, 1)  # [k, B, n]
+            return nxt.reshape(*extra, *nxt.shape[1:]) + self.f[:, t]
         return _rows(self.raw, x, u)
 
     def all(self, x: Tensor, u: Tensor) -> Tensor:
@@ -168,8 +171,11 @@ class TrajCost:
         """Stage costs: x ``[..., B, T, n]``, u ``[..., B, T, m]`` -> ``[..., B, T]``."""
         if self.quadratic:
             tau = torch.cat([x, u], -1)
-            quad = (tau.unsqueeze(-2) @ self.C @ tau.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-            return 0.5 * quad + (tau * self.c).sum(-1)
+            extra = tau.shape[:-3]  # leading dims beyond [B, T] (e.g. line-search steps)
+            t = tau.reshape(-1, *tau.shape[-3:]).permute(1, 2, 0, 3)  # [B, T, k, p]
+            quad = ((t @ self.C) * t).sum(-1).permute(2, 0, 1)  # [k, B, T]; C symmetric
+            lin = (tau * self.c).sum(-1)
+            return 0.5 * quad.reshape(*extra, *quad.shape[1:]) + lin
         return _rows(self.raw, x, u)
 
     def quadratize(self, x: Tensor, u: Tensor, psd_floor: float | None = None,
