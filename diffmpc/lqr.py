@@ -91,9 +91,11 @@ def riccati(
     """
     B, T, p, _ = C.shape
     n = F.shape[-2]
-    Ks, ks, frees = [None] * T, [None] * T, [None] * T
-    dV = C.new_zeros(B, 2)
+    Ks, ks, frees, dVs = [None] * T, [None] * T, [None] * T, [None] * T
     ok = torch.ones(B, dtype=torch.bool, device=C.device)
+    # Without regularization K and k minimize the step's model on the free controls, so the value
+    # update has the short form V = Qxx + Qxu K, v = qx + Qxu k; with it the general form is used.
+    short = reg is None or not bool(reg.any())
     V = v = None
     for t in range(T - 1, -1, -1):
         Q, q = C[:, t], c[:, t]
@@ -108,11 +110,15 @@ def riccati(
         K, k, f, info = _control_step(Quu, Qux, qu, t, lower, upper, free, reg)
         ok = ok & (info == 0)
         Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
-        V = Qxx + Qxu @ K + K.mT @ Qux + K.mT @ Quu @ K
+        QxuKk = Qxu @ torch.cat([K, k.unsqueeze(-1)], -1)  # [B, n, n+1]
+        V, v = Qxx + QxuKk[..., :-1], qx + QxuKk[..., -1]
+        if not short:
+            V = V + K.mT @ (Qux + Quu @ K)
+            v = v + (K.mT @ (Quu_k + qu).unsqueeze(-1)).squeeze(-1)
         V = 0.5 * (V + V.mT)
-        v = qx + (Qxu @ k.unsqueeze(-1)).squeeze(-1) + (K.mT @ (Quu_k + qu).unsqueeze(-1)).squeeze(-1)
-        dV = dV + torch.stack([(k * qu).sum(-1), 0.5 * (k * Quu_k).sum(-1)], -1)
+        dVs[t] = torch.stack([(k * qu).sum(-1), 0.5 * (k * Quu_k).sum(-1)], -1)
         Ks[t], ks[t], frees[t] = K, k, f
+    dV = torch.stack(dVs, 0).sum(0)
     return Gains(torch.stack(Ks, 1), torch.stack(ks, 1), torch.stack(frees, 1), dV, ok)
 
 
