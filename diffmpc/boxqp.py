@@ -53,14 +53,9 @@ def masked_cholesky(H: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.cholesky_ex(Hf)
 
 
-def _clamped(x: Tensor, g: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
-    return ((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0))
-
-
-def _quad(H: Tensor, q: Tensor, x: Tensor) -> Tensor:
-    """1/2 x'Hx + q'x for x ``[B, A, m]`` with H ``[B, m, m]``, q ``[B, m]`` -> ``[B, A]``."""
-    Hx = x @ H.mT
-    return (0.5 * Hx * x).sum(-1) + (x * q.unsqueeze(-2)).sum(-1)
+def _clamped(x: Tensor, g: Tensor, lower: Tensor, upper: Tensor, eps: Tensor | float = 0.0):
+    """Indices within ``eps`` of a bound with the gradient pushing outward."""
+    return ((x <= lower + eps) & (g > 0)) | ((x >= upper - eps) & (g < 0))
 
 
 def box_qp(
@@ -72,6 +67,7 @@ def box_qp(
     max_iter: int = 30,
     tol: float | None = None,
     n_steps: int = 8,
+    eps_active: float = 1e-3,
 ) -> BoxQPResult:
     """Solve a batch of box-constrained QPs.
 
@@ -83,6 +79,7 @@ def box_qp(
         max_iter: Newton iterations at most.
         tol: stop when the free gradient's inf-norm <= tol * (1 + |q|_inf); default from dtype.
         n_steps: step sizes ``1, 1/2, ..., 2^-(n_steps-1)`` tried per iteration.
+        eps_active: cap on the width of the epsilon-active set.
 
     Returns:
         BoxQPResult.
@@ -105,19 +102,23 @@ def box_qp(
     done = torch.zeros(B, dtype=torch.bool, device=H.device)
     for _ in range(max_iter):
         g = (H @ x.unsqueeze(-1)).squeeze(-1) + q
-        free = ~_clamped(x, g, lower, upper)
-        gf = g * free
-        done = gf.abs().amax(-1) <= scale
+        done = (g * ~_clamped(x, g, lower, upper)).abs().amax(-1) <= scale
         if bool(done.all()):
             break
+        # epsilon-active set (Bertsekas 1982): indices closer to an outward bound than the
+        # projected-gradient norm are clamped too, else a Newton step can stall against them
+        proj_g = (x - torch.maximum(torch.minimum(x - g, upper), lower)).abs().amax(-1)
+        eps = torch.clamp(proj_g, max=eps_active).unsqueeze(-1)
+        free = ~_clamped(x, g, lower, upper, eps)
         L, _ = masked_cholesky(H, free)
-        dx = -torch.cholesky_solve(gf.unsqueeze(-1), L).squeeze(-1)
+        dx = -torch.cholesky_solve((g * free).unsqueeze(-1), L).squeeze(-1)
+        dx = torch.where(free, dx, -g / H.diagonal(dim1=-2, dim2=-1))  # clamped: toward bound
         cand = x.unsqueeze(1) + alphas[:, None] * dx.unsqueeze(1)  # [B, A, m]
         cand = torch.maximum(torch.minimum(cand, upper.unsqueeze(1)), lower.unsqueeze(1))
-        f0 = _quad(H, q, x.unsqueeze(1))  # [B, 1]
-        fc = _quad(H, q, cand)  # [B, A]
-        decrease = (g.unsqueeze(1) * (cand - x.unsqueeze(1))).sum(-1)
-        ok = fc <= f0 + 1e-4 * decrease
+        d = cand - x.unsqueeze(1)  # [B, A, m]
+        slope = (g.unsqueeze(1) * d).sum(-1)  # [B, A]
+        change = slope + 0.5 * ((d @ H.mT) * d).sum(-1)  # f(cand) - f(x), without cancellation
+        ok = (change <= 1e-4 * slope) & (slope < 0)
         first = torch.where(ok.any(-1), ok.to(torch.int8).argmax(-1), n_steps - 1)
         new = cand[torch.arange(B, device=H.device), first]
         stalled = ~ok.any(-1)
