@@ -154,7 +154,9 @@ class TrajCost:
         self.quadratic = isinstance(cost, QuadCost)
         if self.quadratic:
             p = n + m
-            self.C = cost.C.expand(B, T, p, p)
+            # C is checked to be symmetric; symmetrizing it makes every mode's gradient w.r.t. C
+            # symmetric too (the Riccati pass reads both triangles, so unrolling would not be)
+            self.C = (0.5 * (cost.C + cost.C.mT)).expand(B, T, p, p)
             c = cost.c if cost.c is not None else self.C.new_zeros(())
             self.c = c.expand(B, T, p)
 
