@@ -87,6 +87,11 @@ def box_qp(
     if tol is None:
         tol = 1e3 * torch.finfo(H.dtype).eps
     B = H.shape[0]
+    if H.shape[-1] == 1:  # one control: the projection of the minimizer is the solution
+        x = torch.maximum(torch.minimum(-q / H[..., 0], upper), lower)
+        free = ~_clamped(x, H[..., 0] * x + q, lower, upper)
+        ones = torch.ones(B, dtype=torch.bool, device=H.device)
+        return BoxQPResult(x, free, ones & (H[:, 0, 0] > 0), ones.long())
     if x0 is None:  # start from the unconstrained minimizer; done if it is feasible
         L, info = torch.linalg.cholesky_ex(H)
         x0 = -torch.cholesky_solve(q.unsqueeze(-1), L).squeeze(-1)

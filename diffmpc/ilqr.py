@@ -13,7 +13,7 @@ not touched again; the current iterate of a sample is always its best one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -36,9 +36,10 @@ class SolverOptions:
         line_search_decay: ratio between consecutive step sizes.
         reg_init, reg_factor, reg_max: Levenberg-Marquardt term on the control Hessian, used only
             after a failed factorization or line search; a sample whose term exceeds reg_max stops.
-        second_order: add the dynamics' curvature (costate times the Hessian of f) to the
-            Riccati pass, i.e. Newton steps on the controls (quadratic convergence), falling back
-            to Gauss-Newton (iLQR) for a sample whose control Hessian is not positive definite.
+        second_order: once a sample takes full Gauss-Newton (iLQR) steps, add the dynamics'
+            curvature (costate times the Hessian of f) to its Riccati pass, i.e. Newton steps on
+            the controls (quadratic convergence); a sample whose Newton model is not positive
+            definite or whose Newton step fails the line search goes back to Gauss-Newton.
         psd_floor: eigenvalue floor that makes non-convex cost Hessians positive definite in the
             forward solve (eigenvalues below it are raised to it).
     """
@@ -47,7 +48,7 @@ class SolverOptions:
     tol: float | None = None
     line_search_steps: int = 10
     line_search_decay: float = 0.5
-    reg_init: float = 1e-6
+    reg_init: float = 1e-4
     reg_factor: float = 10.0
     reg_max: float = 1e8
     psd_floor: float = 1e-8
@@ -105,37 +106,67 @@ def _pick(J0, Jc, floor, near):
     return first, found
 
 
-def _gains(x, u, C, c, F, dyn, lo, hi, reg, second_order, create_graph) -> Gains:
-    """Riccati pass with the Lagrangian's Hessian (Newton) where it is positive definite on the
-    controls, and with the cost's Hessian alone (Gauss-Newton) elsewhere."""
-    if not second_order or dyn.linear:
-        return riccati(C, c, F, None, lo, hi, None, reg)
+def _gains(x, u, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Gains, Tensor]:
+    """Riccati pass: Newton (the Lagrangian's Hessian, with each control block's eigenvalues
+    floored at the smallest control-cost curvature) for the samples flagged in ``newton``,
+    Gauss-Newton (the cost's Hessian) for the others and where the Newton pass fails.
+
+    Returns the gains and the flags of the samples that did take a Newton step.
+    """
+    if dyn.linear or not bool(newton.any()):
+        return riccati(C, c, F, None, lo, hi, None, reg), torch.zeros_like(newton)
     n = x.shape[-1]
     lam = costate(c[..., :n], F[..., :n])
     curv = dyn.curvature(x[:, :-1], u[:, :-1], lam[:, 1:], create_graph)
-    newton = riccati(torch.cat([C[:, :-1] + curv, C[:, -1:]], 1), c, F, None, lo, hi, None, reg)
-    if bool(newton.ok.all()):
-        return newton
+    curv = curv * newton.to(curv.dtype)[:, None, None, None]
+    # where the Newton model is not convex in a control, keep at least the cost's own curvature
+    floor = C[..., n:, n:].diagonal(dim1=-2, dim2=-1).flatten(1).amin(-1)
+    full = riccati(torch.cat([C[:, :-1] + curv, C[:, -1:]], 1), c, F, None, lo, hi, None, reg,
+                   floor)
+    if bool(full.ok.all()):
+        return full, newton
     gn = riccati(C, c, F, None, lo, hi, None, reg)
-    ok = newton.ok
+    ok = full.ok
     pick = lambda a, b: torch.where(ok.view(-1, *([1] * (a.dim() - 1))), a, b)  # noqa: E731
-    return Gains(pick(newton.K, gn.K), pick(newton.k, gn.k), pick(newton.free, gn.free),
-                 pick(newton.dV, gn.dV), ok | gn.ok)
+    gains = Gains(pick(full.K, gn.K), pick(full.k, gn.k), pick(full.free, gn.free),
+                  pick(full.dV, gn.dV), ok | gn.ok)
+    return gains, newton & ok
 
 
-def _iterate(x_init, cost, dyn, x, u, J, lower, upper, reg, opts, tol, create_graph, exact):
-    """One box-DDP iteration on a sub-batch. Returns new x, u, J, reg, step, converged.
+@dataclass
+class _State:
+    """Per-sample iterate: trajectory, cost, regularization, last step, flags."""
+
+    x: Tensor  # [B, T, n]
+    u: Tensor  # [B, T, m]
+    J: Tensor  # [B]
+    reg: Tensor  # [B] Levenberg-Marquardt term
+    step: Tensor  # [B] inf-norm of the last accepted step
+    conv: Tensor  # [B] converged
+    newton: Tensor  # [B] use the Lagrangian's Hessian in the next iteration
+
+    def take(self, idx: Tensor) -> _State:
+        return _State(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    def put(self, idx: Tensor, part: _State) -> _State:
+        return _State(*(getattr(self, f.name).index_put((idx,), getattr(part, f.name))
+                        for f in fields(self)))
+
+
+def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph, exact) -> _State:
+    """One box-DDP iteration on a sub-batch.
 
     ``exact``: the problem is an unconstrained LQR, so the full step is the solution.
     """
+    x, u, J, reg = s.x, s.u, s.J, s.reg
     B = x.shape[0]
     C, c = cost.quadratize(x, u, psd_floor=opts.psd_floor, create_graph=create_graph)
     F = dyn.jacobian(x[:, :-1], u[:, :-1], create_graph=create_graph)
     lo = None if lower is None else lower - u
     hi = None if upper is None else upper - u
-    gains = _gains(x, u, C, c, F, dyn, lo, hi, reg, opts.second_order, create_graph)
+    gains, used_newton = _gains(x, u, C, c, F, dyn, lo, hi, reg, s.newton, create_graph)
     scale = 1.0 + u.detach().abs().flatten(1).amax(-1)
-    newton = gains.k.detach().abs().flatten(1).amax(-1)
+    newton_step = gains.k.detach().abs().flatten(1).amax(-1)
     expected = -(gains.dV[:, 0] + gains.dV[:, 1]).detach()
     n_alpha = 1 if exact else opts.line_search_steps
     alphas = opts.line_search_decay ** torch.arange(n_alpha, dtype=x.dtype, device=x.device)
@@ -150,12 +181,17 @@ def _iterate(x_init, cost, dyn, x, u, J, lower, upper, reg, opts, tol, create_gr
     u_new = torch.where(keep[:, None, None], u, Uc[first, ar])
     J_new = torch.where(keep, J, Jc[first, ar])
     step = torch.where(found, (u_new - u).detach().abs().flatten(1).amax(-1), torch.zeros_like(scale))
-    stationary = gains.ok & ((newton <= tol * scale) | (~found & (expected <= floor)))
-    converged = stationary | (found & ((step <= tol * scale) | exact))
-    reg = torch.where(found, reg / opts.reg_factor, torch.clamp(reg * opts.reg_factor,
-                                                              min=opts.reg_init))
+    stationary = gains.ok & ((newton_step <= tol * scale) | (~found & (expected <= floor)))
+    conv = stationary | (found & ((step <= tol * scale) | exact))
+    # a failed Newton step falls back to Gauss-Newton before the regularization grows
+    failed_newton = used_newton & ~found
+    grow = ~found & ~failed_newton
+    reg = torch.where(grow, torch.clamp(reg * opts.reg_factor, min=opts.reg_init),
+                      torch.where(found, reg / opts.reg_factor, reg))
     reg = torch.where(reg < opts.reg_init, torch.zeros_like(reg), reg)
-    return x_new, u_new, J_new, reg, step, converged
+    # Newton once a full Gauss-Newton (or Newton) step is accepted: the model is trusted there
+    newton = opts.second_order & found & (first == 0)
+    return _State(x_new, u_new, J_new, reg, step, conv, newton)
 
 
 def ilqr(
@@ -186,31 +222,27 @@ def ilqr(
     tol = opts.tol if opts.tol is not None else (1e-7 if x_init.dtype == torch.float64 else 1e-4)
     u = u_init if lower is None else torch.maximum(torch.minimum(u_init, upper), lower)
     x = rollout(dyn, x_init, u)
-    J = cost.value(x, u).sum(-1)
     dev = x_init.device
-    conv = torch.zeros(B, dtype=torch.bool, device=dev)
+    flags = torch.zeros(B, dtype=torch.bool, device=dev)
+    s = _State(x, u, cost.value(x, u).sum(-1), torch.zeros(B, dtype=x.dtype, device=dev),
+               torch.full((B,), float("inf"), dtype=x.dtype, device=dev), flags, flags)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
-    step = torch.full((B,), float("inf"), dtype=x.dtype, device=dev)
-    reg = torch.zeros(B, dtype=x.dtype, device=dev)
     for _ in range(opts.max_iter):
-        act = (~conv & (reg <= opts.reg_max)).nonzero().squeeze(1)
+        act = (~s.conv & (s.reg <= opts.reg_max)).nonzero().squeeze(1)
         if act.numel() == 0:
             break
-        whole = act.numel() == B
-        sub = _take(None if whole else act)
-        cs, ds = (cost, dyn) if whole else (cost.subset(act), dyn.subset(act))
-        out = _iterate(sub(x_init), cs, ds, sub(x), sub(u), sub(J), sub(lower), sub(upper),
-                       sub(reg), opts, tol, create_graph, exact)
-        x, u, J, reg, step, conv = (_scatter(whole, act, a, b) for a, b in
-                                     zip((x, u, J, reg, step, conv), out, strict=True))
+        if act.numel() == B:
+            s = _iterate(x_init, cost, dyn, s, lower, upper, opts, tol, create_graph, exact)
+        else:
+            sub = _take(act)
+            part = _iterate(sub(x_init), cost.subset(act), dyn.subset(act), s.take(act),
+                            sub(lower), sub(upper), opts, tol, create_graph, exact)
+            s = s.put(act, part)
         iters = iters.index_add(0, act, torch.ones_like(act))
-    return IterResult(x=x, u=u, objective=J, converged=conv, iterations=iters, step_norm=step)
+    return IterResult(x=s.x, u=s.u, objective=s.J, converged=s.conv, iterations=iters,
+                      step_norm=s.step)
 
 
 def _take(idx: Tensor | None):
     """A function selecting the samples ``idx`` of a tensor (or everything when idx is None)."""
     return lambda z: z if idx is None or z is None else z[idx]
-
-
-def _scatter(whole: bool, act: Tensor, full: Tensor, part: Tensor) -> Tensor:
-    return part if whole else full.index_put((act,), part)

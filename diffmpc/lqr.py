@@ -43,6 +43,20 @@ class Gains:
     ok: Tensor
 
 
+def _floor_pd(Quu: Tensor, floor: Tensor) -> Tensor:
+    """``Quu [B, m, m]`` with eigenvalues below ``floor [B]`` raised to it (only where needed)."""
+    if Quu.shape[-1] == 1:
+        return torch.maximum(Quu, floor[:, None, None])
+    eye = torch.eye(Quu.shape[-1], dtype=Quu.dtype, device=Quu.device)
+    _, info = torch.linalg.cholesky_ex(Quu - floor[:, None, None] * eye)
+    bad = info != 0
+    if not bool(bad.any()):
+        return Quu
+    w, Q = torch.linalg.eigh(Quu[bad])
+    fixed = (Q * torch.maximum(w, floor[bad, None]).unsqueeze(-2)) @ Q.mT
+    return Quu.index_put((bad,), fixed)
+
+
 def _control_step(Quu, Qux, qu, t, lower, upper, free, reg):
     """Gains at one step: K [B, m, n], k [B, m], free [B, m], info [B]."""
     if reg is not None:
@@ -74,6 +88,7 @@ def riccati(
     upper: Tensor | None = None,
     free: Tensor | None = None,
     reg: Tensor | None = None,
+    uu_floor: Tensor | None = None,
 ) -> Gains:
     """Backward Riccati recursion.
 
@@ -85,6 +100,8 @@ def riccati(
         lower, upper: ``[B, T, m]`` bounds on du (box mode), or None.
         free: ``[B, T, m]`` bool, fixed free set (fixed-set mode), or None.
         reg: ``[B]`` Levenberg-Marquardt term added to each control Hessian, or None.
+        uu_floor: ``[B]``: if given, every control Hessian ``Q_uu`` has its eigenvalues raised to
+            at least this floor, and the recursion goes on with the modified (convex) model.
 
     Returns:
         Gains.
@@ -107,6 +124,8 @@ def riccati(
             q = q + (Ft.mT @ w.unsqueeze(-1)).squeeze(-1)
         Qxx, Qxu, Qux, Quu = Q[:, :n, :n], Q[:, :n, n:], Q[:, n:, :n], Q[:, n:, n:]
         qx, qu = q[:, :n], q[:, n:]
+        if uu_floor is not None:
+            Quu = _floor_pd(Quu, uu_floor)
         K, k, f, info = _control_step(Quu, Qux, qu, t, lower, upper, free, reg)
         ok = ok & (info == 0)
         Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)

@@ -38,7 +38,9 @@ class TwoLinkArm(nn.Module):
     Args:
         m1, m2, l1, l2: link masses (kg) and lengths (m); learnable, positive (stored as logs).
         damping: viscous joint damping (N m s); learnable, positive (use a tiny value for an
-            undamped arm).
+            undamped arm). With the other defaults, RK4 at ``dt = 0.05`` stays stable under any
+            torques within the bounds for damping in about [0.4, 1.2] (too little lets the
+            links spin up until the step is unstable, too much makes the damping term stiff).
         g: gravity (m/s^2), a fixed number >= 0; 0 puts the arm in a horizontal plane.
         dt: time step (s).
         method: ``"rk4"`` or ``"euler"`` (explicit).
@@ -60,7 +62,7 @@ class TwoLinkArm(nn.Module):
         m2: float = 1.0,
         l1: float = 0.5,
         l2: float = 0.5,
-        damping: float = 0.1,
+        damping: float = 0.7,
         g: float = 9.81,
         dt: float = 0.05,
         method: str = "rk4",
