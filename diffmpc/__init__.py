@@ -4,10 +4,12 @@ from diffmpc.cost import GoalCost, PSDQuadCost, QuadCost
 from diffmpc.dynamics import ContinuousDynamics, Discretize, LinearDynamics
 from diffmpc.ilqr import SolverOptions
 from diffmpc.mpc import MPC, BackwardMode, MPCSolution, Unconverged
+from diffmpc.policy import MPCPolicy
 
 __all__ = [
     "MPC",
     "MPCSolution",
+    "MPCPolicy",
     "BackwardMode",
     "Unconverged",
     "SolverOptions",

@@ -128,7 +128,11 @@ class MPC(nn.Module):
             raise ValueError(f"solver_options: expected keywords among {sorted(valid)}, "
                              f"got {unknown}")
         self.n_state, self.n_ctrl, self.horizon = n_state, n_ctrl, horizon
-        self.u_lower, self.u_upper = u_lower, u_upper
+        for name, b in (("u_lower", u_lower), ("u_upper", u_upper)):
+            if isinstance(b, Tensor) and not isinstance(b, nn.Parameter) and not b.requires_grad:
+                self.register_buffer(name, b)  # follows .to(); learnable bounds stay references
+            else:
+                setattr(self, name, b)
         self.backward_mode = _enum(BackwardMode, "backward", backward)
         self.unconverged = _enum(Unconverged, "unconverged", unconverged)
         self.options = SolverOptions(**solver_options)

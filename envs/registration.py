@@ -6,7 +6,10 @@ import gymnasium as gym
 
 # (id, entry_point, max_episode_steps, reward_threshold, kwargs)
 _ANALYTIC: list[tuple[str, str, int, float, dict]] = [
-    # analytic envs (stepping diffmpc.systems) go here
+    # analytic envs (stepping diffmpc.systems); thresholds and scores: docs/envs.md
+    ("diffmpc/PendulumSwingup-v0", "diffmpc.envs.pendulum:PendulumSwingupEnv", 200, -100.0, {}),
+    ("diffmpc/CartpoleSwingup-v0", "diffmpc.envs.cartpole:CartpoleSwingupEnv", 100, -100.0, {}),
+    ("diffmpc/ArmReach-v0", "diffmpc.envs.arm:ArmReachEnv", 100, -100.0, {}),
 ]
 
 _BULLET: list[tuple[str, str, int, float, dict]] = [
