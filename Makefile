@@ -21,10 +21,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -n 2 tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 tests
 
 test-quick: $(STAMP)
-	$(VENV)/bin/pytest -n 2 -m "not slow" tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

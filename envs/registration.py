@@ -13,7 +13,13 @@ _ANALYTIC: list[tuple[str, str, int, float, dict]] = [
 ]
 
 _BULLET: list[tuple[str, str, int, float, dict]] = [
-    # pybullet envs go here
+    # pybullet envs (need the `pybullet` extra); thresholds: docs/envs_bullet.md
+    ("diffmpc/BulletCartpoleBalance-v0", "diffmpc.envs.bullet_cartpole:BulletCartpoleEnv",
+     200, -5.0, {"task": "balance"}),
+    ("diffmpc/BulletCartpoleSwingup-v0", "diffmpc.envs.bullet_cartpole:BulletCartpoleEnv",
+     200, -70.0, {"task": "swingup"}),
+    ("diffmpc/BulletReacher-v0", "diffmpc.envs.bullet_reacher:BulletReacherEnv",
+     100, -75.0, {}),
 ]
 
 
