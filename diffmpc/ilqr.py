@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from diffmpc.expand import TrajCost, TrajDynamics
+from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues
 from diffmpc.lqr import Gains, costate, riccati
 
 __all__ = ["SolverOptions", "IterResult", "ilqr", "rollout"]
@@ -41,7 +41,8 @@ class SolverOptions:
             the controls (quadratic convergence); a sample whose Newton model is not positive
             definite or whose Newton step fails the line search goes back to Gauss-Newton.
         psd_floor: eigenvalue floor that makes non-convex cost Hessians positive definite in the
-            forward solve (eigenvalues below it are raised to it).
+            Gauss-Newton steps of the forward solve (eigenvalues below it are raised to it);
+            Newton steps use the exact Hessian with the control blocks floored instead.
     """
 
     max_iter: int = 50
@@ -106,23 +107,26 @@ def _pick(J0, Jc, floor, near):
     return first, found
 
 
-def _gains(x, u, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Gains, Tensor]:
-    """Riccati pass: Newton (the Lagrangian's Hessian, with each control block's eigenvalues
-    floored at the smallest control-cost curvature) for the samples flagged in ``newton``,
-    Gauss-Newton (the cost's Hessian) for the others and where the Newton pass fails.
+def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Gains, Tensor]:
+    """Riccati pass: Newton for the samples flagged in ``newton``, Gauss-Newton for the others and
+    where the Newton pass fails.
+
+    Newton uses the Lagrangian's Hessian: the cost's exact Hessian ``H`` plus the dynamics'
+    curvature (costate times the Hessian of f), with each control block's eigenvalues floored at
+    the smallest control-cost curvature. Gauss-Newton uses ``C``, the cost's Hessian with its
+    eigenvalues raised to ``psd_floor`` (the same as H for a convex cost).
 
     Returns the gains and the flags of the samples that did take a Newton step.
     """
-    if dyn.linear or not bool(newton.any()):
+    if (dyn.linear and H is C) or not bool(newton.any()):
         return riccati(C, c, F, None, lo, hi, None, reg), torch.zeros_like(newton)
     n = x.shape[-1]
     lam = costate(c[..., :n], F[..., :n])
     curv = dyn.curvature(x[:, :-1], u[:, :-1], lam[:, 1:], create_graph)
-    curv = curv * newton.to(curv.dtype)[:, None, None, None]
-    # where the Newton model is not convex in a control, keep at least the cost's own curvature
+    Hn = H if curv is None else torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
+    Hn = torch.where(newton[:, None, None, None], Hn, C)
     floor = C[..., n:, n:].diagonal(dim1=-2, dim2=-1).flatten(1).amin(-1)
-    full = riccati(torch.cat([C[:, :-1] + curv, C[:, -1:]], 1), c, F, None, lo, hi, None, reg,
-                   floor)
+    full = riccati(Hn, c, F, None, lo, hi, None, reg, floor)
     if bool(full.ok.all()):
         return full, newton
     gn = riccati(C, c, F, None, lo, hi, None, reg)
@@ -160,11 +164,12 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     """
     x, u, J, reg = s.x, s.u, s.J, s.reg
     B = x.shape[0]
-    C, c = cost.quadratize(x, u, psd_floor=opts.psd_floor, create_graph=create_graph)
+    H, c = cost.quadratize(x, u, create_graph=create_graph)
+    C = H if cost.quadratic else clip_eigenvalues(H, opts.psd_floor)
     F = dyn.jacobian(x[:, :-1], u[:, :-1], create_graph=create_graph)
     lo = None if lower is None else lower - u
     hi = None if upper is None else upper - u
-    gains, used_newton = _gains(x, u, C, c, F, dyn, lo, hi, reg, s.newton, create_graph)
+    gains, used_newton = _gains(x, u, H, C, c, F, dyn, lo, hi, reg, s.newton, create_graph)
     scale = 1.0 + u.detach().abs().flatten(1).amax(-1)
     newton_step = gains.k.detach().abs().flatten(1).amax(-1)
     expected = -(gains.dV[:, 0] + gains.dV[:, 1]).detach()
