@@ -107,6 +107,23 @@ def _pick(J0, Jc, floor, near):
     return first, found
 
 
+def _search(x_init, cost, dyn, x, u, J, gains, lower, upper, alphas, floor, near):
+    """Closed-loop rollouts for the step sizes ``alphas`` [A]; per sample the largest accepted.
+
+    Returns x ``[B, T, n]``, u ``[B, T, m]``, cost ``[B]`` of that step, its index, and whether
+    one was accepted.
+    """
+    Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
+    Jc = cost.value(Xc, Uc).sum(-1)  # [A, B]
+    first, found = _pick(J.detach(), Jc.detach(), floor, near)
+    ar = torch.arange(x.shape[0], device=x.device)
+    return Xc[first, ar], Uc[first, ar], Jc[first, ar], first, found
+
+
+def _take_gains(g: Gains, idx: Tensor) -> Gains:
+    return Gains(g.K[idx], g.k[idx], g.free[idx], g.dV[idx], g.ok[idx])
+
+
 def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Gains, Tensor]:
     """Riccati pass: Newton for the samples flagged in ``newton``, Gauss-Newton for the others and
     where the Newton pass fails.
@@ -163,7 +180,6 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     ``exact``: the problem is an unconstrained LQR, so the full step is the solution.
     """
     x, u, J, reg = s.x, s.u, s.J, s.reg
-    B = x.shape[0]
     H, c = cost.quadratize(x, u, create_graph=create_graph)
     C = H if cost.quadratic else clip_eigenvalues(H, opts.psd_floor)
     F = dyn.jacobian(x[:, :-1], u[:, :-1], create_graph=create_graph)
@@ -175,16 +191,23 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     expected = -(gains.dV[:, 0] + gains.dV[:, 1]).detach()
     n_alpha = 1 if exact else opts.line_search_steps
     alphas = opts.line_search_decay ** torch.arange(n_alpha, dtype=x.dtype, device=x.device)
-    Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
-    Jc = cost.value(Xc, Uc).sum(-1)  # [A, B]
     floor = 100 * torch.finfo(x.dtype).eps * (1.0 + J.detach().abs())
-    first, found = _pick(J.detach(), Jc.detach(), floor, expected <= floor)
+    Xa, Ua, Ja, first, found = _search(x_init, cost, dyn, x, u, J, gains, lower, upper,
+                                       alphas[:1], floor, expected <= floor)
+    retry = (~found & gains.ok).nonzero().squeeze(1)
+    if n_alpha > 1 and retry.numel() > 0:  # the rest of the ladder, for those the full step failed
+        sub = _take(retry)
+        part = _search(sub(x_init), cost.subset(retry), dyn.subset(retry), sub(x), sub(u), sub(J),
+                       _take_gains(gains, retry), sub(lower), sub(upper), alphas[1:], sub(floor),
+                       torch.zeros_like(retry, dtype=torch.bool))
+        Xa, Ua, Ja = (a.index_put((retry,), b) for a, b in zip((Xa, Ua, Ja), part[:3], strict=True))
+        first = first.index_put((retry,), part[3] + 1)
+        found = found.index_put((retry,), part[4])
     found = found & gains.ok
-    ar = torch.arange(B, device=x.device)
     keep = ~found
-    x_new = torch.where(keep[:, None, None], x, Xc[first, ar])
-    u_new = torch.where(keep[:, None, None], u, Uc[first, ar])
-    J_new = torch.where(keep, J, Jc[first, ar])
+    x_new = torch.where(keep[:, None, None], x, Xa)
+    u_new = torch.where(keep[:, None, None], u, Ua)
+    J_new = torch.where(keep, J, Ja)
     step = torch.where(found, (u_new - u).detach().abs().flatten(1).amax(-1), torch.zeros_like(scale))
     stationary = gains.ok & ((newton_step <= tol * scale) | (~found & (expected <= floor)))
     conv = stationary | (found & ((step <= tol * scale) | exact))
