@@ -1,0 +1,334 @@
+"""Nonlinear MPC speed: diffmpc against mpc.pytorch on pendulum and cartpole swing-up.
+
+Both solvers run in this process, with the same thread count, on identical problems: the
+systems of ``diffmpc.systems`` and mpc.pytorch's ``PendulumDx`` / ``CartpoleDx`` (the same
+physics), their default quadratic costs and control bounds, random swing-up starts (pole angle
+uniform in [-pi, pi]), zero initial controls, float64. mpc.pytorch runs with the settings of
+its examples: ``lqr_iter=50``, ``GradMethods.AUTO_DIFF``, the env's ``mpc_eps``,
+``linesearch_decay`` and ``max_linesearch_iter``, ``exit_unconverged=False``. diffmpc runs with
+its default options (``--option KEY=VALUE`` changes them).
+
+For every (system, T, B) it times the forward solve, and the forward solve plus the backward
+pass of ``sum(u * W)`` into the cost tensors C, c, the dynamics' parameters and x_init (median
+over repetitions; mpc.pytorch's repetitions stop once ``--ref-budget`` seconds are spent), and
+reports iterations, the fraction of samples converged and the objectives. Both objectives are
+evaluated the same way: a rollout of the controls through diffmpc's model and the quadratic
+cost. Convergence: diffmpc reports it per sample; for mpc.pytorch a sample counts as converged
+when its best iterate's full control step is below ``mpc_eps`` (its own criterion, read by
+wrapping its ``solve_lqr_subproblem``), and its iteration count is the number of iterations it ran.
+One compatibility fix is applied to mpc.pytorch (``_patch_mpc_pytorch``): without it, its backward
+pass crashes on current PyTorch whenever a control is at a bound.
+
+Targets (issue 3): at B=256, forward+backward >= 20x faster with every sample converged and
+no objective worse; at B=1, >= 10x faster.
+
+Usage:
+    python benchmarks/nonlinear_speed.py                    # the full table (many minutes)
+    python benchmarks/nonlinear_speed.py --quick            # a small subset
+    python benchmarks/nonlinear_speed.py --systems cartpole --sizes 256x50 --out table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+import diffmpc as dm
+from diffmpc.systems import Cartpole, Pendulum
+
+DT = torch.float64
+FULL_SIZES = [(B, T) for T in (20, 50) for B in (1, 32, 256)]
+QUICK_SIZES = [(1, 20), (32, 20)]
+PARAMS = {"pendulum": (10.0, 1.0, 1.0), "cartpole": (9.8, 1.0, 0.1, 0.5)}
+
+
+@dataclass
+class Problem:
+    """x_init ``[B, n]``, the cost's ``q [p]`` (diagonal of C) and ``c [p]``, loss weights
+    ``W [B, T, 1]``."""
+
+    name: str
+    x_init: torch.Tensor
+    q: torch.Tensor
+    c: torch.Tensor
+    W: torch.Tensor
+
+
+def make_system(name: str):
+    return Pendulum(dtype=DT) if name == "pendulum" else Cartpole(dtype=DT)
+
+
+def make_problem(name: str, B: int, T: int, seed: int = 0) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+    th = (2 * torch.rand(B, generator=g, dtype=DT) - 1) * math.pi
+    r = lambda s: s * torch.randn(B, generator=g, dtype=DT)  # noqa: E731
+    if name == "pendulum":
+        x_init = torch.stack([th.cos(), th.sin(), r(1.0)], -1)
+    else:
+        x_init = torch.stack([r(0.5), r(0.5), th.cos(), th.sin(), r(0.5)], -1)
+    quad = make_system(name).default_cost().quad_cost()  # 1/2 tau' C tau + c' tau, C diagonal
+    return Problem(name, x_init, torch.diagonal(quad.C).detach().clone(), quad.c.detach().clone(),
+                   torch.randn(B, T, 1, generator=g, dtype=DT))
+
+
+def objective(prob: Problem, u: torch.Tensor) -> torch.Tensor:
+    """``[B]`` cost of controls ``u [B, T, 1]``: a rollout through diffmpc's model."""
+    system = make_system(prob.name)
+    with torch.no_grad():
+        xs = [prob.x_init]
+        for t in range(u.shape[1] - 1):
+            xs.append(system(xs[-1], u[:, t]))
+        tau = torch.cat([torch.stack(xs, 1), u], -1)
+        return (0.5 * prob.q * tau * tau + prob.c * tau).sum((-1, -2))
+
+
+# ------------------------------------------------------------------------------- solvers
+
+
+@dataclass
+class Run:
+    """One solve: wall times in ms (fwd, fwd+bwd), controls ``[B, T, 1]``, per-sample
+    convergence ``[B]`` and iterations ``[B]``."""
+
+    fwd: float
+    fb: float
+    u: torch.Tensor
+    converged: torch.Tensor
+    iterations: torch.Tensor
+
+
+def run_diffmpc(prob: Problem, T: int, options: dict) -> Run:
+    system = make_system(prob.name)
+    n = system.n_state
+    mpc = dm.MPC(n, 1, T, system.u_lower, system.u_upper, unconverged="keep", **options)
+    x_init, q, c = (t.clone().requires_grad_(True) for t in (prob.x_init, prob.q, prob.c))
+    t0 = time.perf_counter()
+    sol = mpc(x_init, dm.QuadCost(torch.diag(q), c), system)
+    t1 = time.perf_counter()
+    (sol.u * prob.W).sum().backward()
+    t2 = time.perf_counter()
+    return Run(1e3 * (t1 - t0), 1e3 * (t2 - t0), sol.u.detach(), sol.converged,
+               sol.iterations)
+
+
+def _patch_mpc_pytorch() -> None:
+    """mpc.pytorch's ``util.bdiag`` indexes with a uint8 mask, which current PyTorch rejects: its
+    backward pass crashes as soon as a control is at a bound. ``torch.diag_embed`` builds the
+    same batch of diagonal matrices; nothing else is changed."""
+    from mpc import util
+
+    util.bdiag = torch.diag_embed
+
+
+def run_mpcpytorch(prob: Problem, T: int) -> Run:
+    from mpc import mpc as mpcpt
+    from mpc.env_dx.cartpole import CartpoleDx
+    from mpc.env_dx.pendulum import PendulumDx
+
+    params = torch.tensor(PARAMS[prob.name], dtype=DT, requires_grad=True)
+    dx = PendulumDx(params=params) if prob.name == "pendulum" else CartpoleDx(params=params)
+    B, n = prob.x_init.shape
+    ctrl = mpcpt.MPC(n, 1, T, u_lower=dx.lower, u_upper=dx.upper, lqr_iter=50, verbose=-1,
+                     exit_unconverged=False, detach_unconverged=False,
+                     linesearch_decay=dx.linesearch_decay,
+                     max_linesearch_iter=dx.max_linesearch_iter,
+                     grad_method=mpcpt.GradMethods.AUTO_DIFF, eps=dx.mpc_eps, n_batch=B)
+    trace = _trace(ctrl, B)
+    x_init, q, c = (t.clone().requires_grad_(True) for t in (prob.x_init, prob.q, prob.c))
+    C = torch.diag(q).expand(T, B, n + 1, n + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecated calls
+        t0 = time.perf_counter()
+        _, u, _ = ctrl(x_init, mpcpt.QuadCost(C, c.expand(T, B, n + 1)), dx)
+        t1 = time.perf_counter()
+        (u * prob.W.transpose(0, 1)).sum().backward()
+        t2 = time.perf_counter()
+    conv = trace["best_du"] < dx.mpc_eps
+    iters = torch.full((B,), trace["iters"], dtype=torch.long)
+    return Run(1e3 * (t1 - t0), 1e3 * (t2 - t0), u.detach().transpose(0, 1), conv, iters)
+
+
+def _trace(ctrl, B: int) -> dict:
+    """Record mpc.pytorch's iterations and, per sample, the full step of its best iterate (it
+    keeps an iterate whose cost is within ``best_cost_eps`` of the best so far)."""
+    trace = {"iters": 0, "best_cost": torch.full((B,), math.inf, dtype=DT),
+             "best_du": torch.full((B,), math.inf, dtype=DT)}
+    solve = ctrl.solve_lqr_subproblem
+
+    def wrapped(*args, **kwargs):
+        out = solve(*args, **kwargs)
+        if not kwargs.get("no_op_forward", False):
+            costs, du = out[3].detach().to(DT), out[4].detach().to(DT)
+            better = costs <= trace["best_cost"] + (ctrl.best_cost_eps if trace["iters"] else 0)
+            trace["best_cost"] = torch.where(better, costs, trace["best_cost"])
+            trace["best_du"] = torch.where(better, du, trace["best_du"])
+            trace["iters"] += 1
+        return out
+
+    ctrl.solve_lqr_subproblem = wrapped
+    return trace
+
+
+def _timed(fn, reps: int, budget: float) -> tuple[float, float, Run]:
+    """Median fwd and fwd+bwd ms over up to ``reps`` runs (fewer once ``budget`` s are spent)."""
+    runs, start = [], time.perf_counter()
+    for _ in range(reps):
+        runs.append(fn())
+        if time.perf_counter() - start > budget:
+            break
+    return (statistics.median(r.fwd for r in runs), statistics.median(r.fb for r in runs),
+            runs[-1])
+
+
+# ------------------------------------------------------------------------------- a config
+
+
+def bench_config(name: str, B: int, T: int, args) -> dict:
+    prob = make_problem(name, B, T, seed=args.seed)
+    row = {"system": name, "B": B, "T": T}
+    run_diffmpc(prob, T, args.options)  # warm-up
+    row["d_fwd"], row["d_fb"], d = _timed(lambda: run_diffmpc(prob, T, args.options),
+                                          args.reps, 1e9)
+    J_d = objective(prob, d.u)
+    row.update(d_iter=float(d.iterations.double().mean()), d_iter_max=int(d.iterations.max()),
+               d_conv=float(d.converged.double().mean()), d_obj=float(J_d.mean()))
+    if args.no_reference:
+        return row
+    row["p_fwd"], row["p_fb"], p = _timed(lambda: run_mpcpytorch(prob, T), args.reps,
+                                          args.ref_budget)
+    J_p = objective(prob, p.u)
+    row.update(p_iter=int(p.iterations.max()), p_conv=float(p.converged.double().mean()),
+               p_obj=float(J_p.mean()), no_worse=float((J_d <= J_p + 1e-6).double().mean()))
+    row["target"] = _target(row)
+    return row
+
+
+def _target(row: dict) -> str:
+    speed = row["p_fb"] / row["d_fb"]
+    if row["B"] == 256:
+        ok = speed >= 20 and row["d_conv"] == 1.0 and row["no_worse"] == 1.0
+        return f"{'met' if ok else 'MISSED'} (20x, all conv, no worse)"
+    if row["B"] == 1:
+        return f"{'met' if speed >= 10 else 'MISSED'} (10x)"
+    return "-"
+
+
+# ---------------------------------------------------------------------------------- table
+
+COLUMNS = ["system", "T", "B", "diffmpc fwd ms", "diffmpc fwd+bwd ms", "mpc.pytorch fwd ms",
+           "mpc.pytorch fwd+bwd ms", "fwd speedup", "fwd+bwd speedup", "diffmpc iters mean/max",
+           "mpc.pytorch iters", "diffmpc conv", "mpc.pytorch conv", "diffmpc obj",
+           "mpc.pytorch obj", "ours <= theirs", "target"]
+
+
+def _fmt(row: dict) -> list[str]:
+    def num(key, spec):
+        return format(row[key], spec) if key in row else "-"
+
+    def ratio(a, b):
+        return f"{row[b] / row[a]:.1f}x" if a in row and b in row else "-"
+
+    return [row["system"], str(row["T"]), str(row["B"]), num("d_fwd", ".1f"), num("d_fb", ".1f"),
+            num("p_fwd", ".0f"), num("p_fb", ".0f"), ratio("d_fwd", "p_fwd"),
+            ratio("d_fb", "p_fb"), f"{row['d_iter']:.1f}/{row['d_iter_max']}", num("p_iter", "d"),
+            num("d_conv", ".0%"), num("p_conv", ".0%"), num("d_obj", ".4f"), num("p_obj", ".4f"),
+            num("no_worse", ".0%"), row.get("target", "-")]
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_fmt(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _progress(row: dict) -> str:
+    return "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, _fmt(row), strict=True))
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes: expected BxT[,BxT...], got {text!r}") from None
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--option: expected KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    lowered = {"true": True, "false": False, "none": None}
+    return key, lowered.get(value.lower(), value)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, 2 repetitions")
+    ap.add_argument("--systems", default="pendulum,cartpole",
+                    help="comma-separated among pendulum, cartpole")
+    ap.add_argument("--sizes", type=_sizes, help="comma-separated BxT, e.g. 1x20,256x50")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (median; default 5)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--ref-budget", type=float, default=60.0,
+                    help="seconds per configuration for mpc.pytorch; fewer repetitions past it")
+    ap.add_argument("--option", type=_option, action="append", default=[],
+                    help="a diffmpc solver option KEY=VALUE (repeatable), e.g. max_iter=100")
+    ap.add_argument("--no-reference", action="store_true", help="time diffmpc only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="write the markdown table to this file")
+    args = ap.parse_args(argv)
+    if args.reps is None:
+        args.reps = 2 if args.quick else 5
+    if args.sizes is None:
+        args.sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    args.systems = [s.strip() for s in args.systems.split(",")]
+    bad = sorted(set(args.systems) - set(PARAMS))
+    if bad:
+        ap.error(f"--systems: expected names among {sorted(PARAMS)}, got {bad}")
+    args.options = dict(args.option)
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.no_reference:
+        _patch_mpc_pytorch()
+    opts = ", ".join(f"{k}={v}" for k, v in args.options.items()) or "defaults"
+    print(f"nonlinear_speed: float64, threads={torch.get_num_threads()}, reps={args.reps}, "
+          f"diffmpc options: {opts}", flush=True)
+    rows = []
+    for name in args.systems:
+        for B, T in args.sizes:
+            row = bench_config(name, B, T, args)
+            rows.append(row)
+            print(_progress(row), flush=True)
+    header = (f"Nonlinear MPC speed (swing-up, float64, {torch.get_num_threads()} thread(s), "
+              f"median of up to {args.reps}; mpc.pytorch: lqr_iter=50, AUTO_DIFF, its env's "
+              f"settings; diffmpc options: {opts})")
+    table = markdown(rows, header)
+    print()
+    print(table)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
