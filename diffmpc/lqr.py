@@ -108,8 +108,7 @@ def riccati(
     """
     B, T, p, _ = C.shape
     n = F.shape[-2]
-    Ks, ks, frees, dVs = [None] * T, [None] * T, [None] * T, [None] * T
-    ok = torch.ones(B, dtype=torch.bool, device=C.device)
+    Ks, ks, frees, infos, qus, Quus = ([None] * T for _ in range(6))
     # Without regularization K and k minimize the step's model on the free controls, so the value
     # update has the short form V = Qxx + Qxu K, v = qx + Qxu k; with it the general form is used.
     short = reg is None or not bool(reg.any())
@@ -127,18 +126,18 @@ def riccati(
         if uu_floor is not None:
             Quu = _floor_pd(Quu, uu_floor)
         K, k, f, info = _control_step(Quu, Qux, qu, t, lower, upper, free, reg)
-        ok = ok & (info == 0)
-        Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
         QxuKk = Qxu @ torch.cat([K, k.unsqueeze(-1)], -1)  # [B, n, n+1]
         V, v = Qxx + QxuKk[..., :-1], qx + QxuKk[..., -1]
         if not short:
             V = V + K.mT @ (Qux + Quu @ K)
-            v = v + (K.mT @ (Quu_k + qu).unsqueeze(-1)).squeeze(-1)
+            v = v + (K.mT @ ((Quu @ k.unsqueeze(-1)).squeeze(-1) + qu).unsqueeze(-1)).squeeze(-1)
         V = 0.5 * (V + V.mT)
-        dVs[t] = torch.stack([(k * qu).sum(-1), 0.5 * (k * Quu_k).sum(-1)], -1)
-        Ks[t], ks[t], frees[t] = K, k, f
-    dV = torch.stack(dVs, 0).sum(0)
-    return Gains(torch.stack(Ks, 1), torch.stack(ks, 1), torch.stack(frees, 1), dV, ok)
+        Ks[t], ks[t], frees[t], infos[t], qus[t], Quus[t] = K, k, f, info, qu, Quu
+    k, qu, Quu = torch.stack(ks, 1), torch.stack(qus, 1), torch.stack(Quus, 1)  # [B, T, ...]
+    Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
+    dV = torch.stack([(k * qu).flatten(1).sum(-1), 0.5 * (k * Quu_k).flatten(1).sum(-1)], -1)
+    ok = (torch.stack(infos, 1) == 0).all(1)
+    return Gains(torch.stack(Ks, 1), k, torch.stack(frees, 1), dV, ok)
 
 
 def rollout_affine(gains: Gains, F: Tensor, d: Tensor | None, dx0: Tensor) -> tuple[Tensor, Tensor]:
