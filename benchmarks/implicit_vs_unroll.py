@@ -14,10 +14,8 @@ float64), the solver forced to run k iterations (``max_iter=k``, ``tol=1e-300``,
   ``torch.autograd.graph.saved_tensors_hooks``). That is the memory held between forward and
   backward, the part that grows with unrolling; it leaves out the solver's temporaries, the
   outputs themselves and the allocator's peak inside the forward (CPU tensors bypass
-  tracemalloc, and torch reports no CPU peak). Tensors a custom Function keeps as ``ctx``
-  attributes are invisible to the hooks: diffmpc's implicit backward keeps H ``[B, T, p, p]``,
-  F ``[B, T-1, n, p]`` and the free set that way, so the script adds their size to the implicit
-  column;
+  tracemalloc, and torch reports no CPU peak). The implicit backward's H ``[B, T, p, p]``,
+  F ``[B, T-1, n, p]`` and free set are saved with ``save_for_backward``, so the hooks see them;
 - the iterations the solver actually ran (a sample that reaches the rounding floor stops even
   with the tiny tol) and the relative difference between the two gradients.
 
@@ -97,12 +95,6 @@ class SavedBytes:
         return sum(storages.values())
 
 
-def _ctx_bytes(B: int, T: int, n: int, m: int) -> int:
-    """Bytes of H, F (float64) and the free set (bool) held by the implicit backward's ctx."""
-    p = n + m
-    return 8 * (B * T * p * p + B * (T - 1) * n * p) + B * T * m
-
-
 def run(problem, T: int, k: int, backward: str) -> dict:
     """One forced-k solve and backward; times in ms, graph bytes, gradients, iterations."""
     system, cost, x_init, W = problem
@@ -117,8 +109,6 @@ def run(problem, T: int, k: int, backward: str) -> dict:
             sol = mpc(x_init, cost, system)
             t1 = time.perf_counter()
         held = saved.held()  # what the graph keeps until backward
-        if backward == "implicit":
-            held += _ctx_bytes(x_init.shape[0], T, system.n_state, system.n_ctrl)
         loss = (sol.u * W).sum()
         t2 = time.perf_counter()
         grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
@@ -200,7 +190,7 @@ def main(argv=None) -> list[dict]:
     header = (f"Implicit vs unrolled backward ({args.system} swing-up, B={args.batch}, "
               f"T={args.horizon}, float64, {torch.get_num_threads()} thread(s), median of "
               f"{args.reps}; graph MB: tensors the graph holds for backward after the forward, "
-              f"via saved_tensors_hooks, plus the implicit backward's ctx tensors)")
+              f"via saved_tensors_hooks)")
     table = markdown(rows, header)
     print()
     print(table)

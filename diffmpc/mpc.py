@@ -237,14 +237,14 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.data = inputs[0]
+        ctx.save_for_backward(*inputs[0])
 
     # Backward: (w, nu) solves K [w; nu] = -[g; 0]. With the LQR of linear term +g (below),
     # whose solution w and costate nu satisfy H w + g + J' nu = 0 and J w = 0, we get exactly
     # (w, nu) = -K^{-1}[g; 0], which is the vector-Jacobian product of S.
     @staticmethod
     def backward(ctx, gx, gu):
-        H, F, free = ctx.data
+        H, F, free = ctx.saved_tensors
         n = F.shape[-2]
         gx = torch.zeros_like(H[..., :n, 0]) if gx is None else gx
         gu = torch.zeros_like(H[..., n:, 0]) if gu is None else gu
