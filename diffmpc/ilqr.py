@@ -66,6 +66,7 @@ class IterResult:
     converged: Tensor  # [B] bool
     iterations: Tensor  # [B] long
     step_norm: Tensor  # [B] last step's inf-norm
+    gains: Gains | None = None  # the factorization of an unconstrained LQR solved in one pass
 
 
 def rollout(dyn: TrajDynamics, x_init: Tensor, u: Tensor) -> Tensor:
@@ -174,8 +175,8 @@ class _State:
                         for f in fields(self)))
 
 
-def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph, exact) -> _State:
-    """One box-DDP iteration on a sub-batch.
+def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph, exact):
+    """One box-DDP iteration on a sub-batch; returns the new state and the Riccati gains.
 
     ``exact``: the problem is an unconstrained LQR, so the full step is the solution.
     """
@@ -219,7 +220,7 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     reg = torch.where(reg < opts.reg_init, torch.zeros_like(reg), reg)
     # Newton once a full Gauss-Newton (or Newton) step is accepted: the model is trusted there
     newton = opts.second_order & found & (first == 0)
-    return _State(x_new, u_new, J_new, reg, step, conv, newton)
+    return _State(x_new, u_new, J_new, reg, step, conv, newton), gains
 
 
 def ilqr(
@@ -255,20 +256,24 @@ def ilqr(
     s = _State(x, u, cost.value(x, u).sum(-1), torch.zeros(B, dtype=x.dtype, device=dev),
                torch.full((B,), float("inf"), dtype=x.dtype, device=dev), flags, flags)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
+    gains = None
     for _ in range(opts.max_iter):
         act = (~s.conv & (s.reg <= opts.reg_max)).nonzero().squeeze(1)
         if act.numel() == 0:
             break
         if act.numel() == B:
-            s = _iterate(x_init, cost, dyn, s, lower, upper, opts, tol, create_graph, exact)
+            s, gains = _iterate(x_init, cost, dyn, s, lower, upper, opts, tol, create_graph, exact)
         else:
             sub = _take(act)
-            part = _iterate(sub(x_init), cost.subset(act), dyn.subset(act), s.take(act),
-                            sub(lower), sub(upper), opts, tol, create_graph, exact)
+            part, gains = _iterate(sub(x_init), cost.subset(act), dyn.subset(act), s.take(act),
+                                   sub(lower), sub(upper), opts, tol, create_graph, exact)
             s = s.put(act, part)
         iters = iters.index_add(0, act, torch.ones_like(act))
+    # an unconstrained LQR solved in one pass over the whole batch: its factorization serves the
+    # implicit backward too (same C, F and free set)
+    single = exact and bool(s.conv.all()) and bool((iters == 1).all())
     return IterResult(x=s.x, u=s.u, objective=s.J, converged=s.conv, iterations=iters,
-                      step_norm=s.step)
+                      step_norm=s.step, gains=gains if single else None)
 
 
 def _take(idx: Tensor | None):

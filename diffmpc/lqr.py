@@ -20,7 +20,7 @@ from torch import Tensor
 
 from diffmpc.boxqp import box_qp, masked_cholesky
 
-__all__ = ["Gains", "riccati", "rollout_affine", "costate"]
+__all__ = ["Gains", "riccati", "feedforward", "rollout_affine", "costate"]
 
 
 @dataclass
@@ -34,6 +34,8 @@ class Gains:
         dV: ``[B, 2]`` expected cost change coefficients: a step alpha changes the cost by
             ``alpha * dV[:, 0] + alpha**2 * dV[:, 1]``.
         ok: ``[B]`` bool, every control Hessian was positive definite.
+        L: ``[B, T, m, m]`` Cholesky factors of the control Hessians restricted to the free
+            controls (identity elsewhere), or None.
     """
 
     K: Tensor
@@ -41,6 +43,7 @@ class Gains:
     free: Tensor
     dV: Tensor
     ok: Tensor
+    L: Tensor | None = None
 
 
 def _floor_pd(Quu: Tensor, floor: Tensor) -> Tensor:
@@ -58,7 +61,7 @@ def _floor_pd(Quu: Tensor, floor: Tensor) -> Tensor:
 
 
 def _control_step(Quu, Qux, qu, t, lower, upper, free, reg):
-    """Gains at one step: K [B, m, n], k [B, m], free [B, m], info [B]."""
+    """Gains at one step: K [B, m, n], k [B, m], free [B, m], info [B], Cholesky factor L."""
     if reg is not None:
         Quu = Quu + reg[:, None, None] * torch.eye(Quu.shape[-1], dtype=Quu.dtype, device=Quu.device)
     if lower is not None:
@@ -66,7 +69,7 @@ def _control_step(Quu, Qux, qu, t, lower, upper, free, reg):
         f = qp.free
         L, info = masked_cholesky(Quu, f)
         K = -torch.cholesky_solve(Qux * f.unsqueeze(-1), L)
-        return K, qp.x, f, info
+        return K, qp.x, f, info, L
     if free is not None:
         f = free[:, t]
         L, info = masked_cholesky(Quu, f)
@@ -76,7 +79,7 @@ def _control_step(Quu, Qux, qu, t, lower, upper, free, reg):
         L, info = torch.linalg.cholesky_ex(Quu)
         rhs = torch.cat([Qux, qu.unsqueeze(-1)], -1)
     sol = -torch.cholesky_solve(rhs, L)  # [B, m, n+1]
-    return sol[..., :-1], sol[..., -1], f, info
+    return sol[..., :-1], sol[..., -1], f, info, L
 
 
 def riccati(
@@ -108,7 +111,7 @@ def riccati(
     """
     B, T, p, _ = C.shape
     n = F.shape[-2]
-    Ks, ks, frees, infos, qus, Quus = ([None] * T for _ in range(6))
+    Ks, ks, frees, infos, qus, Quus, Ls = ([None] * T for _ in range(7))
     # Without regularization K and k minimize the step's model on the free controls, so the value
     # update has the short form V = Qxx + Qxu K, v = qx + Qxu k; with it the general form is used.
     short = reg is None or not bool(reg.any())
@@ -125,19 +128,39 @@ def riccati(
         qx, qu = q[:, :n], q[:, n:]
         if uu_floor is not None:
             Quu = _floor_pd(Quu, uu_floor)
-        K, k, f, info = _control_step(Quu, Qux, qu, t, lower, upper, free, reg)
+        K, k, f, info, L = _control_step(Quu, Qux, qu, t, lower, upper, free, reg)
         QxuKk = Qxu @ torch.cat([K, k.unsqueeze(-1)], -1)  # [B, n, n+1]
         V, v = Qxx + QxuKk[..., :-1], qx + QxuKk[..., -1]
         if not short:
             V = V + K.mT @ (Qux + Quu @ K)
             v = v + (K.mT @ ((Quu @ k.unsqueeze(-1)).squeeze(-1) + qu).unsqueeze(-1)).squeeze(-1)
         V = 0.5 * (V + V.mT)
-        Ks[t], ks[t], frees[t], infos[t], qus[t], Quus[t] = K, k, f, info, qu, Quu
+        Ks[t], ks[t], frees[t], infos[t], qus[t], Quus[t], Ls[t] = K, k, f, info, qu, Quu, L
     k, qu, Quu = torch.stack(ks, 1), torch.stack(qus, 1), torch.stack(Quus, 1)  # [B, T, ...]
     Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
     dV = torch.stack([(k * qu).flatten(1).sum(-1), 0.5 * (k * Quu_k).flatten(1).sum(-1)], -1)
     ok = (torch.stack(infos, 1) == 0).all(1)
-    return Gains(torch.stack(Ks, 1), k, torch.stack(frees, 1), dV, ok)
+    return Gains(torch.stack(Ks, 1), k, torch.stack(frees, 1), dV, ok, torch.stack(Ls, 1))
+
+
+def feedforward(gains: Gains, c: Tensor, F: Tensor) -> Gains:
+    """Gains for a new linear term ``c [B, T, p]``, reusing the matrices of an earlier pass.
+
+    Valid when the earlier ``riccati`` pass had the same C and F, no regularization and no
+    bounds (fixed-set or unconstrained mode with ``gains.free``): the matrix recursion does not
+    depend on c, and with ``Q_uu k = -q_u`` on the free controls the value update is
+    ``v = q_x + K' q_u``. Only vector operations remain.
+    """
+    T, n = c.shape[1], F.shape[-2]
+    ks = [None] * T
+    v = None
+    for t in range(T - 1, -1, -1):
+        q = c[:, t] if v is None else c[:, t] + (F[:, t].mT @ v.unsqueeze(-1)).squeeze(-1)
+        qx, qu = q[:, :n], q[:, n:] * gains.free[:, t]
+        ks[t] = -torch.cholesky_solve(qu.unsqueeze(-1), gains.L[:, t]).squeeze(-1)
+        v = qx + (gains.K[:, t].mT @ qu.unsqueeze(-1)).squeeze(-1)
+    return Gains(gains.K, torch.stack(ks, 1), gains.free, torch.zeros_like(gains.dV), gains.ok,
+                 gains.L)
 
 
 def rollout_affine(gains: Gains, F: Tensor, d: Tensor | None, dx0: Tensor) -> tuple[Tensor, Tensor]:

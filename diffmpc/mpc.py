@@ -30,7 +30,7 @@ from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
 from diffmpc.expand import TrajCost, TrajDynamics
 from diffmpc.ilqr import IterResult, SolverOptions, ilqr
-from diffmpc.lqr import costate, riccati, rollout_affine
+from diffmpc.lqr import costate, feedforward, riccati, rollout_affine
 
 __all__ = ["MPC", "MPCSolution", "BackwardMode", "Unconverged"]
 
@@ -227,7 +227,8 @@ def _solution(res: IterResult, x, u, obj) -> MPCSolution:
 class _AdjointSolve(torch.autograd.Function):
     """Zero in the forward pass; ``-K^{-1} [g; 0]`` in the backward pass.
 
-    Inputs: data = (H [B, T, p, p], F [B, T-1, n, p], free [B, T, m]) and the KKT residual
+    Inputs: data = (H [B, T, p, p], F [B, T-1, n, p], free [B, T, m], gains or None: the
+    forward's factorization of the same H, F and free set, if it has one) and the KKT residual
     blocks Gx [B, T, n], Gu [B, T, m], Glam [B, T, n]. Outputs: dx [B, T, n], du [B, T, m].
     """
 
@@ -237,7 +238,9 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[0])
+        H, F, free, gains = inputs[0]
+        ctx.save_for_backward(H, F, free)
+        ctx.gains = gains
 
     # Backward: (w, nu) solves K [w; nu] = -[g; 0]. With the LQR of linear term +g (below),
     # whose solution w and costate nu satisfy H w + g + J' nu = 0 and J w = 0, we get exactly
@@ -249,7 +252,10 @@ class _AdjointSolve(torch.autograd.Function):
         gx = torch.zeros_like(H[..., :n, 0]) if gx is None else gx
         gu = torch.zeros_like(H[..., n:, 0]) if gu is None else gu
         g = torch.cat([gx, gu * free], -1)
-        gains = riccati(H, g, F, None, free=free)
+        if ctx.gains is not None:  # the forward's factorization of the same H, F and free set
+            gains = feedforward(ctx.gains, g, F)
+        else:
+            gains = riccati(H, g, F, None, free=free)
         wx, wu = rollout_affine(gains, F, None, torch.zeros_like(gx[:, 0]))
         w = torch.cat([wx, wu], -1)
         r = (H @ w.unsqueeze(-1)).squeeze(-1) + g
@@ -292,7 +298,8 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
         lagr = cost.value(xs, u_eff).sum() + (lam * Glam).sum()
         Gx, Gu = torch.autograd.grad(lagr, (xs, us), create_graph=True)
         free = ~(lo_act | hi_act)
-        dx, du = _AdjointSolve.apply((H, F, free), Gx, Gu, Glam)
+        reuse = res.gains if (dyn.linear and cost.quadratic and lower is None) else None
+        dx, du = _AdjointSolve.apply((H, F, free, reuse), Gx, Gu, Glam)
         x_out = x + dx
         u_out = u + du
         if lower is not None:
