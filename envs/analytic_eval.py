@@ -72,9 +72,14 @@ def lockstep_returns(env_id: str, policy: MPCPolicy | None, episodes: int = 20,
     return returns
 
 
-def steps_per_second(env_id: str, steps: int = 4000, seed: int = 0) -> float:
-    """Env steps per second under random actions (resets included)."""
-    env = gym.make(env_id)
+def steps_per_second(env: gym.Env | str, steps: int = 4000, seed: int = 0) -> float:
+    """Env steps per second under random actions (resets included, not timed apart).
+
+    Args:
+        env: an env, or an id to make (and close afterwards).
+    """
+    owned = isinstance(env, str)
+    env = gym.make(env) if owned else env
     env.action_space.seed(seed)
     env.reset(seed=seed)
     actions = [env.action_space.sample() for _ in range(steps)]
@@ -84,7 +89,8 @@ def steps_per_second(env_id: str, steps: int = 4000, seed: int = 0) -> float:
         if term or trunc:
             env.reset()
     rate = steps / (time.perf_counter() - start)
-    env.close()
+    if owned:
+        env.close()
     return rate
 
 

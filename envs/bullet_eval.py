@@ -15,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from diffmpc.envs.analytic_eval import steps_per_second
 from diffmpc.envs.bullet_base import BulletEnv
 from diffmpc.policy import MPCPolicy
 
@@ -145,18 +146,6 @@ def expert_returns(env_id: str, episodes: int = 20, seed: int = 0, **mpc_options
         env.close()
     return returns
 
-
-def steps_per_second(env: gym.Env, steps: int = 2000, seed: int = 0) -> float:
-    """Env steps per second under random actions (resets included, not timed apart)."""
-    env.action_space.seed(seed)
-    env.reset(seed=seed)
-    actions = [env.action_space.sample() for _ in range(steps)]
-    start = time.perf_counter()
-    for a in actions:
-        _, _, term, trunc, _ = env.step(a)
-        if term or trunc:
-            env.reset()
-    return steps / (time.perf_counter() - start)
 
 
 def _space(space: gym.Space) -> str:
