@@ -2,10 +2,13 @@
 
 One iteration, for the samples that have not converged yet:
   1. quadratize the cost and linearize the dynamics along the current trajectory (one call each);
-  2. Riccati pass with the box QP in every step (``lqr.riccati``), with a per-sample
-     Levenberg-Marquardt term that is zero unless a factorization or a line search failed;
-  3. line search: the closed-loop rollouts for every step size of the ladder at once; each sample
-     takes the largest step whose cost is strictly lower, or keeps its trajectory.
+  2. Riccati pass with the box QP in every step (``lqr.riccati``): Gauss-Newton (the cost's
+     Hessian, made positive definite) until a sample accepts a full step, then Newton (plus the
+     dynamics' curvature weighted by the costate) while its Newton steps succeed; a per-sample
+     Levenberg-Marquardt term stays zero unless a factorization or a line search failed;
+  3. line search: the full step's closed-loop rollout, then, for the samples where it did not
+     lower the cost, the rest of the step-size ladder at once; each sample takes the largest step
+     whose cost is lower, or keeps its trajectory.
 A sample has converged when its Newton step (or its accepted step) is below ``tol``, or when no
 step lowers its cost and the predicted decrease is at the rounding floor. Converged samples are
 not touched again; the current iterate of a sample is always its best one.
