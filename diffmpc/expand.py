@@ -106,6 +106,8 @@ class TrajDynamics:
 
     def all(self, x: Tensor, u: Tensor) -> Tensor:
         """Next states for every step: x ``[B, T-1, n]``, u ``[B, T-1, m]`` -> ``[B, T-1, n]``."""
+        if x.shape[-2] == 0:  # T = 1: no transition
+            return x
         if self.linear:
             tau = torch.cat([x, u], -1).unsqueeze(-1)
             return (self.F @ tau).squeeze(-1) + self.f
@@ -116,6 +118,8 @@ class TrajDynamics:
         if self.linear:
             return self.F
         n, lead = self.n, x.shape[:-1]
+        if x.shape[-2] == 0:  # T = 1: no transition
+            return x.new_zeros(*lead, n, n + self.m)
         z = torch.cat([x, u], -1).reshape(-1, n + self.m)
         jac = getattr(self.raw, "jacobian", None)
         if jac is not None:
@@ -130,6 +134,8 @@ class TrajDynamics:
         if self.linear:
             return None
         n, lead = self.n, x.shape[:-1]
+        if x.shape[-2] == 0:  # T = 1: no transition
+            return x.new_zeros(*lead, n + self.m, n + self.m)
         z = torch.cat([x, u], -1).reshape(-1, n + self.m)
         lam = lam.reshape(-1, n)
 
