@@ -37,7 +37,7 @@ def batch_jacobian(fn: Callable[[Tensor], Tensor], z: Tensor, q: int, create_gra
         zr = _replicate(z, q)
         y = fn(zr).reshape(q, N, q)
         s = y.diagonal(dim1=0, dim2=2).sum()  # sum_i y[i, :, i]
-        (g,) = torch.autograd.grad(s, zr, create_graph=create_graph)
+        (g,) = torch.autograd.grad(s, zr, create_graph=create_graph, materialize_grads=True)
     return y[0], g.reshape(q, N, p).transpose(0, 1)
 
 
@@ -51,11 +51,12 @@ def batch_hessian(fn: Callable[[Tensor], Tensor], z: Tensor, create_graph: bool 
     with torch.enable_grad():
         zr = _replicate(z, p)
         val = fn(zr)
-        (g,) = torch.autograd.grad(val.sum(), zr, create_graph=True)
+        (g,) = torch.autograd.grad(val.sum(), zr, create_graph=True, materialize_grads=True)
         s = g.reshape(p, N, p).diagonal(dim1=0, dim2=2).sum()
-        (h,) = torch.autograd.grad(s, zr, create_graph=create_graph, allow_unused=True)
-    if h is None:  # linear in z
-        h = torch.zeros_like(zr)
+        if s.requires_grad:
+            (h,) = torch.autograd.grad(s, zr, create_graph=create_graph, materialize_grads=True)
+        else:  # linear in z
+            h = torch.zeros_like(zr)
     grad = g.reshape(p, N, p)[0]
     if not create_graph:
         grad = grad.detach()

@@ -296,7 +296,7 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
         nxt = dyn.all(xs[:, :-1], u_eff[:, :-1])
         Glam = torch.cat([(x_init - xs[:, 0]).unsqueeze(1), nxt - xs[:, 1:]], 1)
         lagr = cost.value(xs, u_eff).sum() + (lam * Glam).sum()
-        Gx, Gu = torch.autograd.grad(lagr, (xs, us), create_graph=True)
+        Gx, Gu = torch.autograd.grad(lagr, (xs, us), create_graph=True, materialize_grads=True)
         free = ~(lo_act | hi_act)
         reuse = res.gains if (dyn.linear and cost.quadratic and lower is None) else None
         dx, du = _AdjointSolve.apply((H, F, free, reuse), Gx, Gu, Glam)

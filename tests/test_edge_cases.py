@@ -28,3 +28,31 @@ def test_horizon_one_with_a_module_dynamics(mode):
     goal = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     torch.testing.assert_close(g, w * (x0.detach() - goal), rtol=1e-6, atol=1e-8)
     assert math.isfinite(float(sol.objective.detach().sum()))
+
+
+class _Autonomous(torch.nn.Module):
+    """Dynamics the control cannot affect: x' = 0.5 x."""
+
+    def forward(self, x, u):
+        return 0.5 * x
+
+
+class _WeightedCost(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, x, u):
+        return self.w * (x**2).sum(-1) + (u**2).sum(-1)
+
+
+def test_dynamics_that_ignore_the_control():
+    """u = 0 is optimal; the objective is w * sum_t 0.25^t |x0|^2, so d obj / d w is known."""
+    x0 = torch.tensor([[1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    cost = _WeightedCost()
+    sol = dm.MPC(2, 2, 4)(x0, cost, _Autonomous())
+    torch.testing.assert_close(sol.u, torch.zeros_like(sol.u))
+    sol.objective.sum().backward()
+    expected = sum(0.25**t for t in range(4)) * 5.0
+    torch.testing.assert_close(cost.w.grad, torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(x0.grad, 2 * expected / 5.0 * x0.detach())
