@@ -38,6 +38,17 @@ def log_param(owner: str, name: str, value: float, dtype: torch.dtype | None) ->
     return nn.Parameter(torch.tensor(math.log(value), dtype=dtype or torch.get_default_dtype()))
 
 
+def init_step_and_bounds(module: nn.Module, owner: str, dt: float, method: str,
+                         bound_name: str, bound: float, dtype: torch.dtype | None) -> None:
+    """Set ``module.dt``, ``module.method`` and the buffers ``u_lower``/``u_upper`` ``[m]`` =
+    ``-bound``/``bound`` (m = ``module.n_ctrl``), checking each argument."""
+    module.dt = check_positive(owner, "dt", dt)
+    module.method = check_method(owner, method)
+    b = check_positive(owner, bound_name, bound)
+    module.register_buffer("u_lower", torch.full((module.n_ctrl,), -b, dtype=dtype))
+    module.register_buffer("u_upper", torch.full((module.n_ctrl,), b, dtype=dtype))
+
+
 def check_xu(owner: str, x: Tensor, u: Tensor, n: int, m: int) -> None:
     """Check ``x [..., n]`` and ``u [..., m]`` are float tensors with the same leading dims.
 

@@ -8,13 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from diffmpc.systems._common import (
-    check_method,
-    check_positive,
-    check_xu,
-    explicit_step,
-    log_param,
-)
+from diffmpc.systems._common import check_xu, explicit_step, init_step_and_bounds, log_param
 
 __all__ = ["TwoLinkArm", "ReachCost"]
 
@@ -78,11 +72,7 @@ class TwoLinkArm(nn.Module):
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             raise ValueError(f"TwoLinkArm: g must be a finite number >= 0, got {g!r}")
         self.g = float(g)
-        self.dt = check_positive("TwoLinkArm", "dt", dt)
-        self.method = check_method("TwoLinkArm", method)
-        bound = check_positive("TwoLinkArm", "max_torque", max_torque)
-        self.register_buffer("u_lower", torch.full((2,), -bound, dtype=dtype))
-        self.register_buffer("u_upper", torch.full((2,), bound, dtype=dtype))
+        init_step_and_bounds(self, "TwoLinkArm", dt, method, "max_torque", max_torque, dtype)
 
     @property
     def m1(self) -> Tensor:

@@ -6,13 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from diffmpc.cost import GoalCost
-from diffmpc.systems._common import (
-    check_method,
-    check_positive,
-    check_xu,
-    explicit_step,
-    log_param,
-)
+from diffmpc.systems._common import check_xu, explicit_step, init_step_and_bounds, log_param
 
 __all__ = ["Cartpole"]
 
@@ -68,11 +62,7 @@ class Cartpole(nn.Module):
         self.log_m_cart = log_param("Cartpole", "m_cart", m_cart, dtype)
         self.log_m_pole = log_param("Cartpole", "m_pole", m_pole, dtype)
         self.log_l = log_param("Cartpole", "l", l, dtype)
-        self.dt = check_positive("Cartpole", "dt", dt)
-        self.method = check_method("Cartpole", method)
-        bound = check_positive("Cartpole", "max_force", max_force)
-        self.register_buffer("u_lower", torch.tensor([-bound], dtype=dtype))
-        self.register_buffer("u_upper", torch.tensor([bound], dtype=dtype))
+        init_step_and_bounds(self, "Cartpole", dt, method, "max_force", max_force, dtype)
 
     @property
     def g(self) -> Tensor:

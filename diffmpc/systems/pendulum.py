@@ -6,13 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from diffmpc.cost import GoalCost
-from diffmpc.systems._common import (
-    check_method,
-    check_positive,
-    check_xu,
-    explicit_step,
-    log_param,
-)
+from diffmpc.systems._common import check_xu, explicit_step, init_step_and_bounds, log_param
 
 __all__ = ["Pendulum"]
 
@@ -64,11 +58,7 @@ class Pendulum(nn.Module):
         self.log_g = log_param("Pendulum", "g", g, dtype)
         self.log_m = log_param("Pendulum", "m", m, dtype)
         self.log_l = log_param("Pendulum", "l", l, dtype)
-        self.dt = check_positive("Pendulum", "dt", dt)
-        self.method = check_method("Pendulum", method)
-        bound = check_positive("Pendulum", "max_torque", max_torque)
-        self.register_buffer("u_lower", torch.tensor([-bound], dtype=dtype))
-        self.register_buffer("u_upper", torch.tensor([bound], dtype=dtype))
+        init_step_and_bounds(self, "Pendulum", dt, method, "max_torque", max_torque, dtype)
 
     @property
     def g(self) -> Tensor:
