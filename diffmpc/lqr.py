@@ -64,6 +64,8 @@ def _control_step(Quu, Qux, qu, t, lower, upper, free, reg):
     """Gains at one step: K [B, m, n], k [B, m], free [B, m], info [B], Cholesky factor L."""
     if reg is not None:
         Quu = Quu + reg[:, None, None] * torch.eye(Quu.shape[-1], dtype=Quu.dtype, device=Quu.device)
+    if Quu.shape[-1] == 1:
+        return _scalar_control_step(Quu, Qux, qu, t, lower, upper, free)
     if lower is not None:
         qp = box_qp(Quu, qu, lower[:, t], upper[:, t])
         f = qp.free
@@ -80,6 +82,23 @@ def _control_step(Quu, Qux, qu, t, lower, upper, free, reg):
         rhs = torch.cat([Qux, qu.unsqueeze(-1)], -1)
     sol = -torch.cholesky_solve(rhs, L)  # [B, m, n+1]
     return sol[..., :-1], sol[..., -1], f, info, L
+
+
+def _scalar_control_step(Quu, Qux, qu, t, lower, upper, free):
+    """``_control_step`` for one control: divisions instead of factorizations."""
+    h = Quu[..., 0]  # [B, 1]
+    if lower is not None:
+        qp = box_qp(Quu, qu, lower[:, t], upper[:, t])
+        f, k = qp.free, qp.x
+    else:
+        f = torch.ones_like(qu, dtype=torch.bool) if free is None else free[:, t]
+    hf = torch.where(f, h, torch.ones_like(h))  # held controls: no division by their curvature
+    if lower is None:
+        k = -qu * f / hf
+    K = -(Qux * f.unsqueeze(-1)) / hf.unsqueeze(-1)
+    L = torch.where(f, h.clamp_min(0).sqrt(), torch.ones_like(h)).unsqueeze(-1)  # [B, 1, 1]
+    info = (f & (h <= 0)).squeeze(-1).to(torch.int32)
+    return K, k, f, info, L
 
 
 def riccati(
