@@ -187,13 +187,11 @@ class TrajCost:
             return 0.5 * quad.reshape(*extra, *quad.shape[1:]) + lin
         return _rows(self.raw, x, u)
 
-    def quadratize(self, x: Tensor, u: Tensor, psd_floor: float | None = None,
+    def quadratize(self, x: Tensor, u: Tensor,
                    create_graph: bool = False) -> tuple[Tensor, Tensor]:
-        """Hessian ``[B, T, p, p]`` and gradient ``[B, T, p]`` of the stage costs at (x, u).
+        """Exact Hessian ``[B, T, p, p]`` and gradient ``[B, T, p]`` of the stage costs at (x, u).
 
-        Args:
-            psd_floor: if given, the Hessians of a cost module are made positive definite by
-                clipping their eigenvalues below at ``psd_floor`` (``QuadCost`` is left as is).
+        A non-convex Hessian is returned as is; ``clip_eigenvalues`` makes it positive definite.
         """
         tau = torch.cat([x, u], -1)
         if self.quadratic:
@@ -203,8 +201,6 @@ class TrajCost:
         _, g, H = batch_hessian(lambda z: self.raw(z[:, :n], z[:, n:]), tau.reshape(-1, p),
                                 create_graph)
         H = 0.5 * (H + H.mT)
-        if psd_floor is not None:
-            H = clip_eigenvalues(H, psd_floor)
         return H.reshape(*lead, p, p), g.reshape(*lead, p)
 
 

@@ -279,6 +279,6 @@ def ilqr(
                       step_norm=s.step, gains=gains if single else None)
 
 
-def _take(idx: Tensor | None):
-    """A function selecting the samples ``idx`` of a tensor (or everything when idx is None)."""
-    return lambda z: z if idx is None or z is None else z[idx]
+def _take(idx: Tensor):
+    """A function selecting the samples ``idx`` of a tensor (None stays None)."""
+    return lambda z: None if z is None else z[idx]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from diffmpc.checks import as_bound, check_tensor
 from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
-from diffmpc.expand import TrajCost, TrajDynamics
+from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues
 from diffmpc.ilqr import IterResult, SolverOptions, ilqr
 from diffmpc.lqr import costate, feedforward, riccati, rollout_affine
 
@@ -284,7 +284,9 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
     x, u = res.x.detach(), res.u.detach()
     lo_act, hi_act = _active(u, lower, upper)
     with torch.no_grad():
-        H, g = cost.quadratize(x, u, psd_floor=None if exact else opts.psd_floor)
+        H, g = cost.quadratize(x, u)
+        if not (exact or cost.quadratic):  # Gauss-Newton: the forward's convexified Hessian
+            H = clip_eigenvalues(H, opts.psd_floor)
         F = dyn.jacobian(x[:, :-1], u[:, :-1])
         lam = costate(g[..., :n], F[..., :n])
         curv = dyn.curvature(x[:, :-1], u[:, :-1], lam[:, 1:]) if exact else None
