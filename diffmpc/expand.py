@@ -17,7 +17,51 @@ from torch import Tensor
 from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
 
-__all__ = ["batch_jacobian", "batch_hessian", "TrajDynamics", "TrajCost"]
+__all__ = ["batch_jacobian", "batch_hessian", "matvec", "TrajDynamics", "TrajCost"]
+
+
+class _MatVec(torch.autograd.Function):
+    """``A x`` or ``A' x`` for ``A [..., r, c]``; see ``matvec``."""
+
+    @staticmethod
+    def forward(A, x, sym, trans):
+        return ((A.mT if trans else A) @ x.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        A, x, sym, trans = inputs
+        ctx.save_for_backward(A, x)
+        ctx.sym, ctx.trans = sym, trans
+
+    @staticmethod
+    def backward(ctx, g):
+        A, x = ctx.saved_tensors
+        gA = gx = None
+        if ctx.needs_input_grad[0]:
+            if ctx.sym:  # (g x' + x g') / 2, in two passes
+                h = 0.5 * g
+                gA = (h.unsqueeze(-1) * x.unsqueeze(-2)).addcmul_(x.unsqueeze(-1), h.unsqueeze(-2))
+            elif ctx.trans:
+                gA = x.unsqueeze(-1) * g.unsqueeze(-2)
+            else:
+                gA = g.unsqueeze(-1) * x.unsqueeze(-2)
+        if ctx.needs_input_grad[1]:
+            gx = matvec(A, g, trans=not ctx.trans)
+        return gA, gx, None, None
+
+
+def matvec(A: Tensor, x: Tensor, sym: bool = False, trans: bool = False) -> Tensor:
+    """Batched ``A x`` (or ``A' x`` if ``trans``) for ``A [..., r, c]`` and x with the same
+    leading dims.
+
+    The gradient w.r.t. A is formed as an outer product by broadcasting, in A's own layout:
+    autograd's batched-matmul backward forms it with one tiny GEMM per matrix, several times
+    slower. ``sym=True`` declares A symmetric: its gradient is then symmetrized,
+    ``(g x' + x g') / 2``, the gradient of a function of a symmetric matrix.
+    """
+    if A.shape[:-2] != x.shape[:-1]:
+        return ((A.mT if trans else A) @ x.unsqueeze(-1)).squeeze(-1)
+    return _MatVec.apply(A, x, sym, trans)
 
 
 def _replicate(z: Tensor, r: int) -> Tensor:
@@ -110,8 +154,7 @@ class TrajDynamics:
         if x.shape[-2] == 0:  # T = 1: no transition
             return x
         if self.linear:
-            tau = torch.cat([x, u], -1).unsqueeze(-1)
-            return (self.F @ tau).squeeze(-1) + self.f
+            return matvec(self.F, torch.cat([x, u], -1)) + self.f
         return _rows(self.raw, x, u)
 
     def jacobian(self, x: Tensor, u: Tensor, create_graph: bool = False) -> Tensor:
@@ -156,14 +199,16 @@ class TrajCost:
         B, T, n, m: problem sizes.
     """
 
-    def __init__(self, cost, B: int, T: int, n: int, m: int) -> None:
+    def __init__(self, cost, B: int, T: int, n: int, m: int, symmetrize: bool = False) -> None:
         self.raw, self.B, self.T, self.n, self.m = cost, B, T, n, m
         self.quadratic = isinstance(cost, QuadCost)
         if self.quadratic:
             p = n + m
-            # C is checked to be symmetric; symmetrizing it makes every mode's gradient w.r.t. C
-            # symmetric too (the Riccati pass reads both triangles, so unrolling would not be)
-            self.C = (0.5 * (cost.C + cost.C.mT)).expand(B, T, p, p)
+            # C is checked to be symmetric and its products (``matvec(sym=True)``) have symmetric
+            # gradients; gradients unrolled through the Riccati pass, which reads both triangles,
+            # are symmetric only if C is symmetrized explicitly (``symmetrize``)
+            C = 0.5 * (cost.C + cost.C.mT) if symmetrize else cost.C
+            self.C = C.expand(B, T, p, p)
             c = cost.c if cost.c is not None else self.C.new_zeros(())
             self.c = c.expand(B, T, p)
 
@@ -180,6 +225,8 @@ class TrajCost:
         """Stage costs: x ``[..., B, T, n]``, u ``[..., B, T, m]`` -> ``[..., B, T]``."""
         if self.quadratic:
             tau = torch.cat([x, u], -1)
+            if tau.dim() == 3:
+                return (0.5 * matvec(self.C, tau, sym=True) + self.c).mul(tau).sum(-1)
             extra = tau.shape[:-3]  # leading dims beyond [B, T] (e.g. line-search steps)
             t = tau.reshape(-1, *tau.shape[-3:]).permute(1, 2, 0, 3)  # [B, T, k, p]
             quad = ((t @ self.C) * t).sum(-1).permute(2, 0, 1)  # [k, B, T]; C symmetric
@@ -195,8 +242,7 @@ class TrajCost:
         """
         tau = torch.cat([x, u], -1)
         if self.quadratic:
-            g = (self.C @ tau.unsqueeze(-1)).squeeze(-1) + self.c
-            return self.C, g
+            return self.C, matvec(self.C, tau, sym=True) + self.c
         n, p, lead = self.n, self.n + self.m, tau.shape[:-1]
         _, g, H = batch_hessian(lambda z: self.raw(z[:, :n], z[:, n:]), tau.reshape(-1, p),
                                 create_graph)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues
-from diffmpc.lqr import Gains, costate, riccati
+from diffmpc.lqr import Gains, costate, riccati, rollout_affine, time_major
 
 __all__ = ["SolverOptions", "IterResult", "ilqr", "rollout"]
 
@@ -142,7 +142,7 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Ga
     if (dyn.linear and H is C) or not bool(newton.any()):
         return riccati(C, c, F, None, lo, hi, None, reg), torch.zeros_like(newton)
     n = x.shape[-1]
-    lam = costate(c[..., :n], F[..., :n])
+    lam = costate(c[..., :n], time_major(F[..., :n]))
     curv = dyn.curvature(x[:, :-1], u[:, :-1], lam[:, 1:], create_graph)
     Hn = H if curv is None else torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
     Hn = torch.where(newton[:, None, None, None], Hn, C)
@@ -251,6 +251,10 @@ def ilqr(
     """
     B = x_init.shape[0]
     exact = dyn.linear and cost.quadratic and lower is None
+    if exact and not create_graph:
+        res = _lqr(x_init, cost, dyn, u_init)
+        if res is not None:
+            return res
     tol = opts.tol if opts.tol is not None else (1e-7 if x_init.dtype == torch.float64 else 1e-4)
     u = u_init if lower is None else torch.maximum(torch.minimum(u_init, upper), lower)
     x = rollout(dyn, x_init, u)
@@ -277,6 +281,21 @@ def ilqr(
     single = exact and bool(s.conv.all()) and bool((iters == 1).all())
     return IterResult(x=s.x, u=s.u, objective=s.J, converged=s.conv, iterations=iters,
                       step_norm=s.step, gains=gains if single else None)
+
+
+def _lqr(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u_init: Tensor) -> IterResult | None:
+    """An unconstrained LQR in one Riccati pass and one rollout, or None if some control
+    Hessian of the recursion is not positive definite (the iterations regularize those)."""
+    x0 = torch.zeros_like(x_init)
+    H, c = cost.quadratize(x0.unsqueeze(1).expand(-1, cost.T, -1), u_init.new_zeros(u_init.shape))
+    gains = riccati(H, c, dyn.F, dyn.f)
+    if not bool(gains.ok.all()):
+        return None
+    x, u = rollout_affine(gains, x_init)
+    ones = torch.ones_like(gains.ok)
+    return IterResult(x=x, u=u, objective=cost.value(x, u).sum(-1), converged=ones,
+                      iterations=ones.long(), step_norm=(u - u_init).abs().flatten(1).amax(-1),
+                      gains=gains)
 
 
 def _take(idx: Tensor):

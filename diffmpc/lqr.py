@@ -20,7 +20,7 @@ from torch import Tensor
 
 from diffmpc.boxqp import box_qp, masked_cholesky
 
-__all__ = ["Gains", "riccati", "feedforward", "rollout_affine", "costate"]
+__all__ = ["Gains", "riccati", "feedforward", "rollout_affine", "costate", "time_major"]
 
 
 @dataclass
@@ -36,6 +36,8 @@ class Gains:
         ok: ``[B]`` bool, every control Hessian was positive definite.
         L: ``[B, T, m, m]`` Cholesky factors of the control Hessians restricted to the free
             controls (identity elsewhere), or None.
+        Fh: ``[T-1, B, n+1, p+1]`` the pass's dynamics in homogeneous, time-major form
+            (``homogeneous_dynamics``), or None; the rollout and costate passes reuse it.
     """
 
     K: Tensor
@@ -44,6 +46,7 @@ class Gains:
     dV: Tensor
     ok: Tensor
     L: Tensor | None = None
+    Fh: Tensor | None = None
 
 
 def _floor_pd(Quu: Tensor, floor: Tensor) -> Tensor:
@@ -60,45 +63,66 @@ def _floor_pd(Quu: Tensor, floor: Tensor) -> Tensor:
     return Quu.index_put((bad,), fixed)
 
 
-def _control_step(Quu, Qux, qu, t, lower, upper, free, reg):
-    """Gains at one step: K [B, m, n], k [B, m], free [B, m], info [B], Cholesky factor L."""
+def _control_step(Quu, R, t, lower, upper, free, reg):
+    """Gains at one step from ``Quu [B, m, m]`` and ``R = [qu | Qux] [B, m, n+1]``.
+
+    Returns ``Kh = [k | K] [B, m, n+1]``, free ``[B, m]``, info ``[B]`` and the Cholesky factor.
+    """
     if reg is not None:
         Quu = Quu + reg[:, None, None] * torch.eye(Quu.shape[-1], dtype=Quu.dtype, device=Quu.device)
     if Quu.shape[-1] == 1:
-        return _scalar_control_step(Quu, Qux, qu, t, lower, upper, free)
+        return _scalar_control_step(Quu, R, t, lower, upper, free)
     if lower is not None:
-        qp = box_qp(Quu, qu, lower[:, t], upper[:, t])
+        qp = box_qp(Quu, R[..., 0], lower[:, t], upper[:, t])
         f = qp.free
         L, info = masked_cholesky(Quu, f)
-        K = -torch.cholesky_solve(Qux * f.unsqueeze(-1), L)
-        return K, qp.x, f, info, L
+        K = torch.cholesky_solve(R[..., 1:] * f.unsqueeze(-1), L)
+        return torch.cat([qp.x.unsqueeze(-1), K.neg()], -1), f, info, L
     if free is not None:
         f = free[:, t]
         L, info = masked_cholesky(Quu, f)
-        rhs = torch.cat([Qux, qu.unsqueeze(-1)], -1) * f.unsqueeze(-1)
+        R = R * f.unsqueeze(-1)
     else:
-        f = torch.ones_like(qu, dtype=torch.bool)
+        f = torch.ones_like(R[..., 0], dtype=torch.bool)
         L, info = torch.linalg.cholesky_ex(Quu)
-        rhs = torch.cat([Qux, qu.unsqueeze(-1)], -1)
-    sol = -torch.cholesky_solve(rhs, L)  # [B, m, n+1]
-    return sol[..., :-1], sol[..., -1], f, info, L
+    return torch.cholesky_solve(R, L).neg(), f, info, L
 
 
-def _scalar_control_step(Quu, Qux, qu, t, lower, upper, free):
+def _scalar_control_step(Quu, R, t, lower, upper, free):
     """``_control_step`` for one control: divisions instead of factorizations."""
     h = Quu[..., 0]  # [B, 1]
     if lower is not None:
-        qp = box_qp(Quu, qu, lower[:, t], upper[:, t])
-        f, k = qp.free, qp.x
+        qp = box_qp(Quu, R[..., 0], lower[:, t], upper[:, t])
+        f = qp.free
     else:
-        f = torch.ones_like(qu, dtype=torch.bool) if free is None else free[:, t]
+        f = torch.ones_like(h, dtype=torch.bool) if free is None else free[:, t]
     hf = torch.where(f, h, torch.ones_like(h))  # held controls: no division by their curvature
-    if lower is None:
-        k = -qu * f / hf
-    K = -(Qux * f.unsqueeze(-1)) / hf.unsqueeze(-1)
+    Kh = (R * f.unsqueeze(-1)) / hf.unsqueeze(-1)
+    Kh = Kh.neg()
+    if lower is not None:
+        Kh[..., 0] = qp.x
     L = torch.where(f, h.clamp_min(0).sqrt(), torch.ones_like(h)).unsqueeze(-1)  # [B, 1, 1]
     info = (f & (h <= 0)).squeeze(-1).to(torch.int32)
-    return K, k, f, info, L
+    return Kh, f, info, L
+
+
+def homogeneous_cost(C: Tensor, c: Tensor) -> Tensor:
+    """``[[0, c'], [c, C]]``, time-major ``[T, B, p+1, p+1]``: the cost ``1/2 tau' C tau + c' tau``
+    as the quadratic form ``1/2 [1; tau]' Ch [1; tau]``."""
+    out = torch.nn.functional.pad(C.transpose(0, 1), (1, 0, 1, 0))
+    ct = c.transpose(0, 1)
+    out[..., 0, 1:] = ct
+    out[..., 1:, 0] = ct
+    return out
+
+
+def homogeneous_dynamics(F: Tensor, d: Tensor | None) -> Tensor:
+    """``[[1, 0], [d, F]]``, time-major ``[T-1, B, n+1, p+1]``: ``[1; x'] = Fh [1; x; u]``."""
+    out = torch.nn.functional.pad(F.transpose(0, 1), (1, 0, 1, 0))
+    out[..., 0, 0] = 1.0
+    if d is not None:
+        out[..., 1:, 0] = d.transpose(0, 1)
+    return out
 
 
 def riccati(
@@ -126,89 +150,91 @@ def riccati(
             at least this floor, and the recursion goes on with the modified (convex) model.
 
     Returns:
-        Gains.
+        Gains (K, k, L are batch-first views of time-major storage).
+
+    The recursion runs in homogeneous coordinates ``[1; x]`` (``homogeneous_cost``,
+    ``homogeneous_dynamics``): one product ``Qh = Ch_t + Fh_t' Vh Fh_t`` gives Q and q together,
+    one solve gives ``[k | K]``, and one product the value ``Vh = [[., v'], [v, V]]``.
     """
     B, T, p, _ = C.shape
     n = F.shape[-2]
-    Ks, ks, frees, infos, qus, Quus, Ls = ([None] * T for _ in range(7))
+    Ch = homogeneous_cost(C, c)
+    Fh = homogeneous_dynamics(F, d) if T > 1 else None
+    Khs, frees, infos, qus, Quus, Ls = ([None] * T for _ in range(6))
     # Without regularization K and k minimize the step's model on the free controls, so the value
-    # update has the short form V = Qxx + Qxu K, v = qx + Qxu k; with it the general form is used.
+    # update has the short form Vh = Qh_xx + Qh_xu Kh (whose first column is [.; v]); with it the
+    # general form is used.
     short = reg is None or not bool(reg.any())
-    V = v = None
+    Vh = None
     for t in range(T - 1, -1, -1):
-        Q, q = C[:, t], c[:, t]
-        if V is not None:
-            Ft = F[:, t]
-            FtV = Ft.mT @ V  # [B, p, n]
-            Q = Q + FtV @ Ft
-            w = v if d is None else v + (V @ d[:, t].unsqueeze(-1)).squeeze(-1)
-            q = q + (Ft.mT @ w.unsqueeze(-1)).squeeze(-1)
-        Qxx, Qxu, Qux, Quu = Q[:, :n, :n], Q[:, :n, n:], Q[:, n:, :n], Q[:, n:, n:]
-        qx, qu = q[:, :n], q[:, n:]
+        Q = Ch[t] if Vh is None else torch.baddbmm(Ch[t], Fh[t].mT @ Vh, Fh[t])
+        Quu, R = Q[:, n + 1:, n + 1:], Q[:, n + 1:, :n + 1]  # R = [qu | Qux]
         if uu_floor is not None:
             Quu = _floor_pd(Quu, uu_floor)
-        K, k, f, info, L = _control_step(Quu, Qux, qu, t, lower, upper, free, reg)
-        QxuKk = Qxu @ torch.cat([K, k.unsqueeze(-1)], -1)  # [B, n, n+1]
-        V, v = Qxx + QxuKk[..., :-1], qx + QxuKk[..., -1]
+        Kh, f, info, L = _control_step(Quu, R, t, lower, upper, free, reg)
+        Vh = torch.baddbmm(Q[:, :n + 1, :n + 1], Q[:, :n + 1, n + 1:], Kh)
         if not short:
-            V = V + K.mT @ (Qux + Quu @ K)
-            v = v + (K.mT @ ((Quu @ k.unsqueeze(-1)).squeeze(-1) + qu).unsqueeze(-1)).squeeze(-1)
-        V = 0.5 * (V + V.mT)
-        Ks[t], ks[t], frees[t], infos[t], qus[t], Quus[t], Ls[t] = K, k, f, info, qu, Quu, L
-    k, qu, Quu = torch.stack(ks, 1), torch.stack(qus, 1), torch.stack(Quus, 1)  # [B, T, ...]
+            Vh = Vh + Kh.mT @ torch.baddbmm(R, Quu, Kh)
+        Khs[t], frees[t], infos[t], qus[t], Quus[t], Ls[t] = Kh, f, info, R[..., 0], Quu, L
+    Kh = torch.stack(Khs).transpose(0, 1)  # [B, T, m, n+1], time-major in memory
+    K, k = Kh[..., 1:], Kh[..., 0]
+    qu, Quu = torch.stack(qus, 1), torch.stack(Quus, 1)
     Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
     dV = torch.stack([(k * qu).flatten(1).sum(-1), 0.5 * (k * Quu_k).flatten(1).sum(-1)], -1)
     ok = (torch.stack(infos, 1) == 0).all(1)
-    return Gains(torch.stack(Ks, 1), k, torch.stack(frees, 1), dV, ok, torch.stack(Ls, 1))
+    return Gains(K, k, torch.stack(frees, 1), dV, ok, torch.stack(Ls).transpose(0, 1), Fh)
 
 
-def feedforward(gains: Gains, c: Tensor, F: Tensor) -> Gains:
+def feedforward(gains: Gains, c: Tensor) -> Gains:
     """Gains for a new linear term ``c [B, T, p]``, reusing the matrices of an earlier pass.
 
     Valid when the earlier ``riccati`` pass had the same C and F, no regularization and no
     bounds (fixed-set or unconstrained mode with ``gains.free``): the matrix recursion does not
     depend on c, and with ``Q_uu k = -q_u`` on the free controls the value update is
-    ``v = q_x + K' q_u``. Only vector operations remain.
+    ``v = q_x + K' q_u``. Only vector operations remain, and the solves for k are batched.
     """
-    T, n = c.shape[1], F.shape[-2]
-    ks = [None] * T
+    T, n = c.shape[1], gains.K.shape[-1]
+    qus = [None] * T
     v = None
     for t in range(T - 1, -1, -1):
-        q = c[:, t] if v is None else c[:, t] + (F[:, t].mT @ v.unsqueeze(-1)).squeeze(-1)
-        qx, qu = q[:, :n], q[:, n:] * gains.free[:, t]
-        ks[t] = -torch.cholesky_solve(qu.unsqueeze(-1), gains.L[:, t]).squeeze(-1)
-        v = qx + (gains.K[:, t].mT @ qu.unsqueeze(-1)).squeeze(-1)
-    return Gains(gains.K, torch.stack(ks, 1), gains.free, torch.zeros_like(gains.dV), gains.ok,
-                 gains.L)
+        q = c[:, t] if v is None else torch.baddbmm(
+            c[:, t].unsqueeze(-1), gains.Fh[t, :, 1:, 1:].mT, v.unsqueeze(-1)).squeeze(-1)
+        qus[t] = qu = q[:, n:] * gains.free[:, t]
+        v = torch.baddbmm(q[:, :n].unsqueeze(-1), gains.K[:, t].mT, qu.unsqueeze(-1)).squeeze(-1)
+    k = -torch.cholesky_solve(torch.stack(qus, 1).unsqueeze(-1), gains.L).squeeze(-1)
+    return Gains(gains.K, k, gains.free, torch.zeros_like(gains.dV), gains.ok, gains.L, gains.Fh)
 
 
-def rollout_affine(gains: Gains, F: Tensor, d: Tensor | None, dx0: Tensor) -> tuple[Tensor, Tensor]:
-    """Roll the linear dynamics forward under ``du_t = K_t dx_t + k_t``.
+def rollout_affine(gains: Gains, dx0: Tensor, offsets: bool = True) -> tuple[Tensor, Tensor]:
+    """Roll the Riccati pass's linear dynamics forward under ``du_t = K_t dx_t + k_t``.
 
     Args:
-        gains: from ``riccati``.
-        F: ``[B, T-1, n, p]``.
-        d: ``[B, T-1, n]`` or None.
+        gains: from ``riccati`` (its ``Fh``: the dynamics ``F`` and offsets ``d``).
         dx0: ``[B, n]``.
+        offsets: add the offsets d (False: ``dx_{t+1} = F_t [dx_t; du_t]``).
 
     Returns:
         dx ``[B, T, n]``, du ``[B, T, m]``.
     """
     T = gains.k.shape[1]
+    one = dx0.new_ones(dx0.shape[0], 1) if offsets else dx0.new_zeros(dx0.shape[0], 1)
     xs, us = [], []
     x = dx0
     for t in range(T):
-        u = (gains.K[:, t] @ x.unsqueeze(-1)).squeeze(-1) + gains.k[:, t]
+        u = torch.baddbmm(gains.k[:, t].unsqueeze(-1), gains.K[:, t], x.unsqueeze(-1)).squeeze(-1)
         xs.append(x)
         us.append(u)
         if t < T - 1:
-            x = (F[:, t] @ torch.cat([x, u], -1).unsqueeze(-1)).squeeze(-1)
-            if d is not None:
-                x = x + d[:, t]
+            x = (gains.Fh[t, :, 1:] @ torch.cat([one, x, u], -1).unsqueeze(-1)).squeeze(-1)
     return torch.stack(xs, 1), torch.stack(us, 1)
 
 
-def costate(gx: Tensor, Fx: Tensor) -> Tensor:
+def time_major(A: Tensor) -> Tensor:
+    """``[B, T, ...]`` -> contiguous ``[T, B, ...]``, so that ``A[t]`` is one block of memory."""
+    return A.transpose(0, 1).contiguous()
+
+
+def costate(gx: Tensor, Fx: Tensor | None) -> Tensor:
     """Multipliers of the dynamics constraints from stationarity in x.
 
     ``lam_{T-1} = gx_{T-1}``, ``lam_t = gx_t + Fx_t' lam_{t+1}``: with the Lagrangian
@@ -216,7 +242,8 @@ def costate(gx: Tensor, Fx: Tensor) -> Tensor:
 
     Args:
         gx: ``[B, T, n]`` gradient of the (Lagrangian's) cost terms w.r.t. x_t.
-        Fx: ``[B, T-1, n, n]`` state Jacobians of the dynamics.
+        Fx: ``[T-1, B, n, n]`` state Jacobians of the dynamics, time-major (``time_major``, or
+            ``gains.Fh[:, :, 1:, 1:n+1]``); None if T = 1.
 
     Returns:
         lam ``[B, T, n]``.
@@ -225,5 +252,5 @@ def costate(gx: Tensor, Fx: Tensor) -> Tensor:
     lam = [None] * T
     lam[T - 1] = gx[:, T - 1]
     for t in range(T - 2, -1, -1):
-        lam[t] = gx[:, t] + (Fx[:, t].mT @ lam[t + 1].unsqueeze(-1)).squeeze(-1)
+        lam[t] = torch.baddbmm(gx[:, t].unsqueeze(-1), Fx[t].mT, lam[t + 1].unsqueeze(-1)).squeeze(-1)
     return torch.stack(lam, 1)

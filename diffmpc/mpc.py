@@ -25,12 +25,12 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from diffmpc.checks import as_bound, check_tensor
+from diffmpc.checks import as_bound, check_finite, check_tensor
 from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
-from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues
+from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues, matvec
 from diffmpc.ilqr import IterResult, SolverOptions, ilqr
-from diffmpc.lqr import costate, feedforward, riccati, rollout_affine
+from diffmpc.lqr import costate, feedforward, riccati, rollout_affine, time_major
 
 __all__ = ["MPC", "MPCSolution", "BackwardMode", "Unconverged"]
 
@@ -159,12 +159,13 @@ class MPC(nn.Module):
         _check_dynamics(dynamics, B, T, n, m, x_init)
         lower, upper = self._bounds(B, T, m, x_init)
         u0 = self._u_init(u_init, B, T, m, x_init)
-        cost_a, dyn_a = TrajCost(cost, B, T, n, m), TrajDynamics(dynamics, B, T, n, m)
+        mode = self.backward_mode
+        cost_a = TrajCost(cost, B, T, n, m, symmetrize=mode == BackwardMode.UNROLL)
+        dyn_a = TrajDynamics(dynamics, B, T, n, m)
         if lower is not None:
             lower_c, upper_c = lower.detach(), upper.detach()
         else:
             lower_c = upper_c = None
-        mode = self.backward_mode
         if mode == BackwardMode.UNROLL and torch.is_grad_enabled():
             res = ilqr(x_init, cost_a, dyn_a, u0, lower, upper, self.options, create_graph=True)
             sol = _solution(res, res.x, res.u, res.objective)
@@ -253,13 +254,12 @@ class _AdjointSolve(torch.autograd.Function):
         gu = torch.zeros_like(H[..., n:, 0]) if gu is None else gu
         g = torch.cat([gx, gu * free], -1)
         if ctx.gains is not None:  # the forward's factorization of the same H, F and free set
-            gains = feedforward(ctx.gains, g, F)
+            gains = feedforward(ctx.gains, g)
         else:
             gains = riccati(H, g, F, None, free=free)
-        wx, wu = rollout_affine(gains, F, None, torch.zeros_like(gx[:, 0]))
-        w = torch.cat([wx, wu], -1)
-        r = (H @ w.unsqueeze(-1)).squeeze(-1) + g
-        nu = costate(r[..., :n], F[..., :n])
+        wx, wu = rollout_affine(gains, torch.zeros_like(gx[:, 0]), offsets=False)
+        r = matvec(H, torch.cat([wx, wu], -1)) + g
+        nu = costate(r[..., :n], None if gains.Fh is None else gains.Fh[:, :, 1:, 1:n + 1])
         if not bool(gains.ok.all()):
             warnings.warn("MPC backward: the Hessian of the Lagrangian is not positive definite on "
                           "the free controls for some samples; their gradients are set to zero",
@@ -288,7 +288,10 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
         if not (exact or cost.quadratic):  # Gauss-Newton: the forward's convexified Hessian
             H = clip_eigenvalues(H, opts.psd_floor)
         F = dyn.jacobian(x[:, :-1], u[:, :-1])
-        lam = costate(g[..., :n], F[..., :n])
+        if res.gains is not None and res.gains.Fh is not None:  # F, time-major, from the forward
+            lam = costate(g[..., :n], res.gains.Fh[:, :, 1:, 1:n + 1])
+        else:
+            lam = costate(g[..., :n], time_major(F[..., :n]))
         curv = dyn.curvature(x[:, :-1], u[:, :-1], lam[:, 1:]) if exact else None
         if curv is not None:
             H = torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
@@ -297,8 +300,12 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
         u_eff = us if lower is None else torch.where(lo_act, lower, torch.where(hi_act, upper, us))
         nxt = dyn.all(xs[:, :-1], u_eff[:, :-1])
         Glam = torch.cat([(x_init - xs[:, 0]).unsqueeze(1), nxt - xs[:, 1:]], 1)
-        lagr = cost.value(xs, u_eff).sum() + (lam * Glam).sum()
-        Gx, Gu = torch.autograd.grad(lagr, (xs, us), create_graph=True, materialize_grads=True)
+        if cost.quadratic and dyn.linear:  # the same gradient in closed form (no double backward)
+            Gx, Gu = _lq_residual(cost, dyn, xs, u_eff, lam, lo_act | hi_act)
+        else:
+            lagr = cost.value(xs, u_eff).sum() + (lam * Glam).sum()
+            Gx, Gu = torch.autograd.grad(lagr, (xs, us), create_graph=True,
+                                         materialize_grads=True)
         free = ~(lo_act | hi_act)
         reuse = res.gains if (dyn.linear and cost.quadratic and lower is None) else None
         dx, du = _AdjointSolve.apply((H, F, free, reuse), Gx, Gu, Glam)
@@ -308,6 +315,20 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
             u_out = torch.where(lo_act, lower, torch.where(hi_act, upper, u_out))
         obj = cost.value(x_out, u_out).sum(-1)
     return x_out, u_out, obj
+
+
+def _lq_residual(cost, dyn, x, u, lam, held):
+    """Stationarity residual of a linear-quadratic problem: ``Gx [B, T, n]``, ``Gu [B, T, m]``.
+
+    ``d/dtau_t`` of ``cost + lam' (constraints)``: ``C_t tau_t + c_t + F_t' lam_{t+1} - [lam_t; 0]``
+    (no ``F'`` term at the last step), zero on the controls held at a bound.
+    """
+    n = x.shape[-1]
+    g = matvec(cost.C, torch.cat([x, u], -1), sym=True) + cost.c
+    if x.shape[1] > 1:
+        Fl = matvec(dyn.F, lam[:, 1:], trans=True)
+        g = g + torch.cat([Fl, torch.zeros_like(g[:, :1])], 1)
+    return g[..., :n] - lam, g[..., n:].masked_fill(held, 0.0)
 
 
 def _check_x_init(x_init, n: int) -> Tensor:
@@ -327,14 +348,17 @@ def _check_x_init(x_init, n: int) -> Tensor:
 def _check_cost(cost, B, T, n, m, ref) -> None:
     p = n + m
     if isinstance(cost, QuadCost):
-        C = check_tensor("cost.C", cost.C, (B, T), (p, p), ref)
+        C = check_tensor("cost.C", cost.C, (B, T), (p, p), ref, finite=False).detach()
         if cost.c is not None:
             check_tensor("cost.c", cost.c, (B, T), (p,), ref)
-        asym = (C - C.mT).detach().abs().amax()
-        if float(asym) > 1e-6 * (1 + float(C.detach().abs().amax())):
+        lo, hi = torch.aminmax(C)
+        check_finite("cost.C", C, torch.stack([lo, hi]))
+        dlo, dhi = torch.aminmax(C - C.mT)
+        asym, scale = max(-float(dlo), float(dhi)), max(-float(lo), float(hi))
+        if asym > 1e-6 * (1 + scale):
             raise ValueError(f"cost.C: expected symmetric matrices, got max |C - C^T| = "
-                             f"{float(asym):.3g}")
-        _, info = torch.linalg.cholesky_ex(C.detach()[..., n:, n:])
+                             f"{asym:.3g}")
+        _, info = torch.linalg.cholesky_ex(C[..., n:, n:])
         if bool((info != 0).any()):
             raise ValueError("cost.C: expected a positive definite control block C[..., n:, n:], "
                              f"got {int((info != 0).sum())} blocks that are not")
