@@ -104,33 +104,32 @@ def box_qp(
     alphas = 0.5 ** torch.arange(n_steps, dtype=H.dtype, device=H.device)  # [A]
     scale = tol * (1.0 + q.abs().amax(-1))
     iters = torch.zeros(B, dtype=torch.long, device=H.device)
-    done = torch.zeros(B, dtype=torch.bool, device=H.device)
-    for _ in range(max_iter):
-        g = (H @ x.unsqueeze(-1)).squeeze(-1) + q
-        done = (g * ~_clamped(x, g, lower, upper)).abs().amax(-1) <= scale
-        if bool(done.all()):
+    stopped = torch.zeros(B, dtype=torch.bool, device=H.device)
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    for it in range(max_iter + 1):
+        g = torch.baddbmm(q.unsqueeze(-1), H, x.unsqueeze(-1)).squeeze(-1)
+        clamped = _clamped(x, g, lower, upper)
+        conv = torch.where(clamped, 0.0, g).abs().amax(-1) <= scale
+        done = conv | stopped
+        if it == max_iter or bool(done.all()):
             break
         # epsilon-active set (Bertsekas 1982): indices closer to an outward bound than the
         # projected-gradient norm are clamped too, else a Newton step can stall against them
-        proj_g = (x - torch.maximum(torch.minimum(x - g, upper), lower)).abs().amax(-1)
-        eps = torch.clamp(proj_g, max=eps_active).unsqueeze(-1)
-        free = ~_clamped(x, g, lower, upper, eps)
+        proj_g = (x - torch.clamp(x - g, lower, upper)).abs().amax(-1, keepdim=True)
+        free = ~_clamped(x, g, lower, upper, proj_g.clamp_max(eps_active))
         L, _ = masked_cholesky(H, free)
         dx = -torch.cholesky_solve((g * free).unsqueeze(-1), L).squeeze(-1)
-        dx = torch.where(free, dx, -g / H.diagonal(dim1=-2, dim2=-1))  # clamped: toward bound
-        cand = x.unsqueeze(1) + alphas[:, None] * dx.unsqueeze(1)  # [B, A, m]
-        cand = torch.maximum(torch.minimum(cand, upper.unsqueeze(1)), lower.unsqueeze(1))
+        dx = torch.where(free, dx, -g / diag)  # clamped: toward the bound
+        cand = torch.clamp(torch.addcmul(x.unsqueeze(1), alphas[:, None], dx.unsqueeze(1)),
+                           lower.unsqueeze(1), upper.unsqueeze(1))  # [B, A, m]
         d = cand - x.unsqueeze(1)  # [B, A, m]
         slope = (g.unsqueeze(1) * d).sum(-1)  # [B, A]
         change = slope + 0.5 * ((d @ H.mT) * d).sum(-1)  # f(cand) - f(x), without cancellation
         ok = (change <= 1e-4 * slope) & (slope < 0)
-        first = torch.where(ok.any(-1), ok.to(torch.int8).argmax(-1), n_steps - 1)
+        found = ok.any(-1)
+        first = ok.to(torch.int8).argmax(-1)
         new = cand[torch.arange(B, device=H.device), first]
-        stalled = ~ok.any(-1)
-        x = torch.where((done | stalled).unsqueeze(-1), x, new)
+        x = torch.where((done | ~found).unsqueeze(-1), x, new)
         iters = iters + (~done).long()
-        done = done | stalled
-    g = (H @ x.unsqueeze(-1)).squeeze(-1) + q
-    free = ~_clamped(x, g, lower, upper)
-    converged = (g * free).abs().amax(-1) <= scale
-    return BoxQPResult(x=x, free=free, converged=converged, iterations=iters)
+        stopped = stopped | ~found
+    return BoxQPResult(x=x, free=~clamped, converged=conv, iterations=iters)

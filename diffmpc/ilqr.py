@@ -85,11 +85,12 @@ def _closed_loop(dyn, x_init, x, u, gains: Gains, alphas, lower, upper):
     A = alphas.shape[0]
     xt = x_init.expand(A, *x_init.shape)
     xs, us = [], []
+    a = alphas[:, None, None]
     for t in range(u.shape[1]):
         dx = (xt - x[:, t]).unsqueeze(-1)
-        ut = u[:, t] + alphas[:, None, None] * gains.k[:, t] + (gains.K[:, t] @ dx).squeeze(-1)
+        ut = torch.addcmul(u[:, t], a, gains.k[:, t]) + (gains.K[:, t] @ dx).squeeze(-1)
         if lower is not None:
-            ut = torch.maximum(torch.minimum(ut, upper[:, t]), lower[:, t])
+            ut = torch.clamp(ut, lower[:, t], upper[:, t])
         xs.append(xt)
         us.append(ut)
         if t < u.shape[1] - 1:

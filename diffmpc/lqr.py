@@ -63,17 +63,18 @@ def _floor_pd(Quu: Tensor, floor: Tensor) -> Tensor:
     return Quu.index_put((bad,), fixed)
 
 
-def _control_step(Quu, R, t, lower, upper, free, reg):
+def _control_step(Quu, R, t, lower, upper, free):
     """Gains at one step from ``Quu [B, m, m]`` and ``R = [qu | Qux] [B, m, n+1]``.
 
-    Returns ``Kh = [k | K] [B, m, n+1]``, free ``[B, m]``, info ``[B]`` and the Cholesky factor.
+    Returns ``Kh = [k | K] [B, m, n+1]``, free ``[B, m]``, info ``[B]`` and the Cholesky factor
+    (None, None for one control: ``riccati`` forms them for all steps at once).
     """
-    if reg is not None:
-        Quu = Quu + reg[:, None, None] * torch.eye(Quu.shape[-1], dtype=Quu.dtype, device=Quu.device)
     if Quu.shape[-1] == 1:
         return _scalar_control_step(Quu, R, t, lower, upper, free)
     if lower is not None:
-        qp = box_qp(Quu, R[..., 0], lower[:, t], upper[:, t])
+        # start at du = 0, the current controls (feasible): their active set is a good guess,
+        # exact once the iterations settle
+        qp = box_qp(Quu, R[..., 0], lower[:, t], upper[:, t], x0=torch.zeros_like(R[..., 0]))
         f = qp.free
         L, info = masked_cholesky(Quu, f)
         K = torch.cholesky_solve(R[..., 1:] * f.unsqueeze(-1), L)
@@ -89,21 +90,27 @@ def _control_step(Quu, R, t, lower, upper, free, reg):
 
 
 def _scalar_control_step(Quu, R, t, lower, upper, free):
-    """``_control_step`` for one control: divisions instead of factorizations."""
-    h = Quu[..., 0]  # [B, 1]
+    """``_control_step`` for one control, in a few elementwise operations.
+
+    With bounds, the box QP in one variable is solved by clipping the unconstrained minimizer;
+    the control is free where clipping left it unchanged.
+    """
+    h = Quu[:, 0]  # [B, 1]
     if lower is not None:
-        qp = box_qp(Quu, R[..., 0], lower[:, t], upper[:, t])
-        f = qp.free
+        k_free = -(R[:, :, 0] / h)
+        k = torch.clamp(k_free, lower[:, t], upper[:, t])
+        f = k == k_free
     else:
-        f = torch.ones_like(h, dtype=torch.bool) if free is None else free[:, t]
-    hf = torch.where(f, h, torch.ones_like(h))  # held controls: no division by their curvature
-    Kh = (R * f.unsqueeze(-1)) / hf.unsqueeze(-1)
-    Kh = Kh.neg()
+        f = None if free is None else free[:, t]
+    scale = -h.reciprocal()
+    if f is None:
+        f = torch.ones_like(h, dtype=torch.bool)
+    else:  # held controls: no feedback, and no division by their curvature
+        scale = torch.where(f, scale, 0.0)
+    Kh = R * scale.unsqueeze(-1)
     if lower is not None:
-        Kh[..., 0] = qp.x
-    L = torch.where(f, h.clamp_min(0).sqrt(), torch.ones_like(h)).unsqueeze(-1)  # [B, 1, 1]
-    info = (f & (h <= 0)).squeeze(-1).to(torch.int32)
-    return Kh, f, info, L
+        Kh[:, :, 0] = k
+    return Kh, f, None, None
 
 
 def homogeneous_cost(C: Tensor, c: Tensor) -> Tensor:
@@ -165,24 +172,37 @@ def riccati(
     # update has the short form Vh = Qh_xx + Qh_xu Kh (whose first column is [.; v]); with it the
     # general form is used.
     short = reg is None or not bool(reg.any())
+    scalar = C.shape[-1] - n == 1
+    eye = None if reg is None or scalar else torch.eye(p - n, dtype=C.dtype, device=C.device)
     Vh = None
     for t in range(T - 1, -1, -1):
         Q = Ch[t] if Vh is None else torch.baddbmm(Ch[t], Fh[t].mT @ Vh, Fh[t])
         Quu, R = Q[:, n + 1:, n + 1:], Q[:, n + 1:, :n + 1]  # R = [qu | Qux]
         if uu_floor is not None:
             Quu = _floor_pd(Quu, uu_floor)
-        Kh, f, info, L = _control_step(Quu, R, t, lower, upper, free, reg)
+        if reg is None:
+            Quu_r = Quu
+        else:
+            Quu_r = Quu + reg[:, None, None] if scalar else Quu + reg[:, None, None] * eye
+        Kh, f, info, L = _control_step(Quu_r, R, t, lower, upper, free)
         Vh = torch.baddbmm(Q[:, :n + 1, :n + 1], Q[:, :n + 1, n + 1:], Kh)
         if not short:
             Vh = Vh + Kh.mT @ torch.baddbmm(R, Quu, Kh)
-        Khs[t], frees[t], infos[t], qus[t], Quus[t], Ls[t] = Kh, f, info, R[..., 0], Quu, L
+        Khs[t], frees[t], qus[t], Quus[t] = Kh, f, R[..., 0], Quu
+        infos[t], Ls[t] = (info, L) if not scalar else (None, Quu_r)
     Kh = torch.stack(Khs).transpose(0, 1)  # [B, T, m, n+1], time-major in memory
     K, k = Kh[..., 1:], Kh[..., 0]
-    qu, Quu = torch.stack(qus, 1), torch.stack(Quus, 1)
+    qu, Quu, free = torch.stack(qus, 1), torch.stack(Quus, 1), torch.stack(frees, 1)
     Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
     dV = torch.stack([(k * qu).flatten(1).sum(-1), 0.5 * (k * Quu_k).flatten(1).sum(-1)], -1)
-    ok = (torch.stack(infos, 1) == 0).all(1)
-    return Gains(K, k, torch.stack(frees, 1), dV, ok, torch.stack(Ls).transpose(0, 1), Fh)
+    if scalar:  # the factor and the check of the step's (regularized) curvature, for all steps
+        h = torch.stack(Ls).transpose(0, 1)  # [B, T, 1, 1]
+        L = torch.where(free.unsqueeze(-1), h.clamp_min(0).sqrt(), 1.0)
+        ok = ~(free & (h[..., 0] <= 0)).flatten(1).any(-1)
+    else:
+        L = torch.stack(Ls).transpose(0, 1)
+        ok = (torch.stack(infos, 1) == 0).all(1)
+    return Gains(K, k, free, dV, ok, L, Fh)
 
 
 def feedforward(gains: Gains, c: Tensor) -> Gains:
