@@ -216,6 +216,15 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     step = torch.where(found, (u_new - u).detach().abs().flatten(1).amax(-1), torch.zeros_like(scale))
     stationary = gains.ok & ((newton_step <= tol * scale) | (~found & (expected <= floor)))
     conv = stationary | (found & ((step <= tol * scale) | exact))
+    if dyn.linear and cost.quadratic and lower is not None:
+        # a full step of an exact (linear-quadratic) model lands on the solution once it has the
+        # right active set: the KKT conditions there decide, without another iteration
+        cand = (found & ~conv & (first == 0)).nonzero().squeeze(1)
+        if cand.numel() > 0:
+            Fh = None if gains.Fh is None else gains.Fh[:, cand]
+            ok = _kkt_satisfied(cost.subset(cand), Fh, x_new[cand], u_new[cand], lower[cand],
+                                upper[cand])
+            conv = conv.index_put((cand,), ok)
     # a failed Newton step falls back to Gauss-Newton before the regularization grows
     failed_newton = used_newton & ~found
     grow = ~found & ~failed_newton
@@ -225,6 +234,29 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     # Newton once a full Gauss-Newton (or Newton) step is accepted: the model is trusted there
     newton = opts.second_order & found & (first == 0)
     return _State(x_new, u_new, J_new, reg, step, conv, newton), gains
+
+
+def _kkt_satisfied(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor, lower: Tensor,
+                   upper: Tensor) -> Tensor:
+    """``[B]``: (x, u) satisfies the KKT conditions of a box-constrained linear-quadratic problem
+    up to rounding (``sqrt(eps)`` relative to the largest cost gradient).
+
+    The gradient of the Lagrangian in u (``C tau + c + F_u' lam``, with the costate ``lam``) must
+    vanish on the free controls and point outward at the bounds: ``>= 0`` at the lower bound,
+    ``<= 0`` at the upper one. ``Fh``: the homogeneous time-major dynamics of ``riccati``.
+    """
+    n = x.shape[-1]
+    g = cost.quadratize(x, u)[1]  # [B, T, p]
+    gu = g[..., n:]
+    if Fh is not None:
+        lam = costate(g[..., :n], Fh[:, :, 1:, 1:n + 1])
+        Fu_lam = torch.einsum("tbnm,btn->btm", Fh[:, :, 1:, n + 1:], lam[:, 1:])
+        gu = gu + torch.cat([Fu_lam, torch.zeros_like(gu[:, :1])], 1)
+    at_lo, at_hi = u <= lower, u >= upper
+    viol = torch.where(at_lo & at_hi, 0.0, torch.where(
+        at_lo, (-gu).clamp_min(0), torch.where(at_hi, gu.clamp_min(0), gu.abs())))
+    thr = torch.finfo(x.dtype).eps ** 0.5 * (1.0 + g.abs().flatten(1).amax(-1))
+    return viol.flatten(1).amax(-1) <= thr
 
 
 def ilqr(

@@ -158,6 +158,19 @@ def test_non_finite_values_raise(prob, key, name, value):
         call(prob, **{key: t})
 
 
+def test_finite_values_whose_sum_overflows_pass_the_check():
+    """The finiteness check decides from one sum; a sum that overflows must not be mistaken for
+    an infinite value."""
+    from diffmpc.checks import check_finite
+
+    big = torch.full((4,), 1e308, dtype=f64)
+    assert not torch.isfinite(big.sum())
+    check_finite("x", big)  # no error
+    big[2] = float("inf")
+    with raises_naming("x"):
+        check_finite("x", big)
+
+
 @pytest.mark.parametrize("side", ["u_lower", "u_upper"])
 def test_nan_bound_raises(prob, side):
     nan_t = torch.zeros(B, T, m, dtype=f64)
@@ -239,10 +252,13 @@ def test_enum_values_are_accepted():
 # ---------------------------------------------------------------------- unconverged samples
 
 
+HALF_BOX = 0.5  # |u| <= 0.5: from zero, sample 1's first box-DDP step has the wrong active set
+
+
 def _half_converged(prob, unconverged: str):
     """Box problem, max_iter=1: sample 0 is warm-started at its own converged solution (so it
-    converges in its one iteration), sample 1 starts at zero (and does not)."""
-    lo, hi = -0.3, 0.3
+    converges in its one iteration), sample 1 starts at zero (and does not: it needs two)."""
+    lo, hi = -HALF_BOX, HALF_BOX
     with torch.no_grad():
         u_init = call(prob, mpc_kw={"u_lower": lo, "u_upper": hi}).u.clone()
     u_init[1] = 0.0
@@ -280,7 +296,7 @@ def test_unconverged_zero_gradient(prob):
     grads = torch.autograd.grad(loss, list(leaves.values()))
     # the converged sample's gradients are those of a full solve of it alone
     one = {k: getattr(prob.sample(0), k).clone().requires_grad_(True) for k in leaves}
-    s1 = dm.MPC(n, m, T, -0.3, 0.3)(one["x_init"], dm.QuadCost(one["C"], one["c"]),
+    s1 = dm.MPC(n, m, T, -HALF_BOX, HALF_BOX)(one["x_init"], dm.QuadCost(one["C"], one["c"]),
                                      dm.LinearDynamics(one["F"], one["f"]))
     loss1 = s1.u.square().sum() + s1.x.sum() + s1.objective.sum()
     grads1 = torch.autograd.grad(loss1, list(one.values()))

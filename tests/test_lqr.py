@@ -373,3 +373,35 @@ def test_broadcast_bounds_gradient(make_problem):
     for g_small, g_full in zip(*grads, strict=True):
         assert float(g_full.abs().max()) > 0
         torch.testing.assert_close(g_small, g_full.sum((0, 1)), rtol=1e-10, atol=1e-12)
+
+
+def test_kkt_check_accepts_the_solution_and_rejects_other_points(make_problem, box_for_fraction):
+    """The box-constrained LQ solve stops as soon as the KKT conditions hold (``_kkt_satisfied``):
+    it must accept cvxpy's solution and reject a feasible point next to it."""
+    from diffmpc.expand import TrajCost
+    from diffmpc.ilqr import _kkt_satisfied
+    from diffmpc.lqr import homogeneous_dynamics
+
+    B, T, n, m = 3, 6, 4, 2
+    prob = make_problem(B, T, n, m, seed=5)
+    b, ref = box_for_fraction(prob)
+    lower, upper = (torch.full((B, T, m), s * b, dtype=torch.float64) for s in (-1, 1))
+    cost = TrajCost(dm.QuadCost(prob.C, prob.c), B, T, n, m)
+    Fh = homogeneous_dynamics(prob.F, prob.f)  # time-major
+
+    def rollout(u):
+        xs = [prob.x_init]
+        for t in range(T - 1):
+            tau = torch.cat([xs[-1], u[:, t]], -1)
+            xs.append((prob.F[:, t] @ tau.unsqueeze(-1)).squeeze(-1) + prob.f[:, t])
+        return torch.stack(xs, 1)
+
+    u = ref.u.clamp(-b, b)
+    assert _kkt_satisfied(cost, Fh, rollout(u), u, lower, upper).all()
+    # move one free control a little, keeping the point feasible: not a solution any more
+    free = (u.abs() < b - 1e-3)
+    idx = free.flatten(1).float().argmax(-1)
+    shift = torch.zeros(B, T * m, dtype=torch.float64)
+    shift[torch.arange(B), idx] = 1e-4
+    u2 = u + shift.view(B, T, m)
+    assert not _kkt_satisfied(cost, Fh, rollout(u2), u2, lower, upper).any()
