@@ -34,11 +34,15 @@ import sys
 import time
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 
 import diffmpc as dm
 from diffmpc.systems import Cartpole, Pendulum
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report lies beside this script
+import _report  # noqa: E402
 
 DT = torch.float64
 
@@ -145,24 +149,14 @@ def _fmt(row: dict) -> list[str]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---:" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    return _report.markdown(header, COLUMNS, [_fmt(r) for r in rows])
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="k = 1, 4; B = 4; 1 repetition")
     ap.add_argument("--system", choices=["pendulum", "cartpole"], default="cartpole")
-    ap.add_argument("--iters", type=_ints, default=None, help="k values (default 1,4,16,64)")
+    ap.add_argument("--iters", type=_report.ints, default=None, help="k values (default 1,4,16,64)")
     ap.add_argument("-B", "--batch", type=int, default=None, help="batch size (default 16)")
     ap.add_argument("-T", "--horizon", type=int, default=20)
     ap.add_argument("--reps", type=int, default=None, help="repetitions (median; default 3)")
@@ -186,17 +180,12 @@ def main(argv=None) -> list[dict]:
     for k in args.iters:
         row = bench(problem, args.horizon, k, args.reps)
         rows.append(row)
-        print("  ".join(f"{c}={v}" for c, v in zip(COLUMNS, _fmt(row), strict=True)), flush=True)
+        print(_report.progress(COLUMNS, _fmt(row)), flush=True)
     header = (f"Implicit vs unrolled backward ({args.system} swing-up, B={args.batch}, "
               f"T={args.horizon}, float64, {torch.get_num_threads()} thread(s), median of "
               f"{args.reps}; graph MB: tensors the graph holds for backward after the forward, "
               f"via saved_tensors_hooks)")
-    table = markdown(rows, header)
-    print()
-    print(table)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(table)
+    _report.publish(markdown(rows, header), args.out)
     return rows
 
 

@@ -37,11 +37,15 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import diffmpc as dm
 from diffmpc.systems import Cartpole, Pendulum
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report lies beside this script
+import _report  # noqa: E402
 
 DT = torch.float64
 FULL_SIZES = [(B, T) for T in (20, 50) for B in (1, 32, 256)]
@@ -243,24 +247,10 @@ def _fmt(row: dict) -> list[str]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---:" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _progress(row: dict) -> str:
-    return "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, _fmt(row), strict=True))
+    return _report.markdown(header, COLUMNS, [_fmt(r) for r in rows])
 
 
 # ------------------------------------------------------------------------------------ CLI
-
-
-def _sizes(text: str) -> list[tuple[int, int]]:
-    try:
-        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes: expected BxT[,BxT...], got {text!r}") from None
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -281,7 +271,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, 2 repetitions")
     ap.add_argument("--systems", default="pendulum,cartpole",
                     help="comma-separated among pendulum, cartpole")
-    ap.add_argument("--sizes", type=_sizes, help="comma-separated BxT, e.g. 1x20,256x50")
+    ap.add_argument("--sizes", type=_report.sizes, help="comma-separated BxT, e.g. 1x20,256x50")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (median; default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--ref-budget", type=float, default=60.0,
@@ -317,16 +307,11 @@ def main(argv=None) -> list[dict]:
         for B, T in args.sizes:
             row = bench_config(name, B, T, args)
             rows.append(row)
-            print(_progress(row), flush=True)
+            print(_report.progress(COLUMNS, _fmt(row)), flush=True)
     header = (f"Nonlinear MPC speed (swing-up, float64, {torch.get_num_threads()} thread(s), "
               f"median of up to {args.reps}; mpc.pytorch: lqr_iter=50, AUTO_DIFF, its env's "
               f"settings; diffmpc options: {opts})")
-    table = markdown(rows, header)
-    print()
-    print(table)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(table)
+    _report.publish(markdown(rows, header), args.out)
     return rows
 
 

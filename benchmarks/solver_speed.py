@@ -25,11 +25,15 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import diffmpc as dm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report lies beside this script
+import _report  # noqa: E402
 
 N_STATE, N_CTRL, BOUND = 10, 5, 0.3
 FULL_SIZES = [(B, T) for T in (10, 50) for B in (1, 32, 256, 1024)]
@@ -227,32 +231,18 @@ def _fmt(row: dict) -> list[str]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---:" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(r)) + " |" for r in rows]
     notes = [r["skipped"] + f" (B={r['B']}, T={r['T']}, box={r['box']})" for r in rows
              if "skipped" in r]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
-
-
-def _progress(row: dict) -> str:
-    return "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, _fmt(row), strict=True))
+    return _report.markdown(header, COLUMNS, [_fmt(r) for r in rows], notes)
 
 
 # ------------------------------------------------------------------------------------ CLI
 
 
-def _sizes(text: str) -> list[tuple[int, int]]:
-    try:
-        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes: expected BxT[,BxT...], got {text!r}") from None
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, 2 repetitions")
-    ap.add_argument("--sizes", type=_sizes, help="comma-separated BxT, e.g. 1x10,256x50")
+    ap.add_argument("--sizes", type=_report.sizes, help="comma-separated BxT, e.g. 1x10,256x50")
     ap.add_argument("--box", choices=["both", "on", "off"], default="both")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (median; default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -291,16 +281,11 @@ def main(argv=None) -> list[dict]:
             if "p_fb" in row:
                 last_fb[(T, box)] = (B, row["p_fb"])
             rows.append(row)
-            print(_progress(row), flush=True)
+            print(_report.progress(COLUMNS, _fmt(row)), flush=True)
     header = (f"Solver speed (n={N_STATE}, m={N_CTRL}, float64, {torch.get_num_threads()} "
               f"thread(s), median of {args.reps}; mpc.pytorch lqr_iter={args.lqr_iter}; "
               f"box: |u| <= {BOUND})")
-    table = markdown(rows, header)
-    print()
-    print(table)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(table)
+    _report.publish(markdown(rows, header), args.out)
     return rows
 
 

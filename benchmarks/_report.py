@@ -1,0 +1,48 @@
+"""What the benchmark scripts share: the ``--sizes`` argument, progress lines and the markdown
+table they print and write with ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def sizes(text: str) -> list[tuple[int, int]]:
+    """argparse type of ``--sizes``: ``"1x10,256x50"`` -> ``[(1, 10), (256, 50)]`` (B x T)."""
+    try:
+        out = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(len(s) != 2 for s in out):
+        raise argparse.ArgumentTypeError(f"--sizes: expected BxT[,BxT...], got {text!r}")
+    return out
+
+
+def ints(text: str) -> list[int]:
+    """argparse type of a comma-separated list of ints."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def progress(columns: list[str], cells: list[str]) -> str:
+    """One ``column=value`` line per configuration, printed while a benchmark runs."""
+    return "  ".join(f"{c}={v}" for c, v in zip(columns, cells, strict=True))
+
+
+def markdown(header: str, columns: list[str], rows: list[list[str]],
+             notes: list[str] | None = None) -> str:
+    """A header line, a right-aligned markdown table and optional notes below it."""
+    lines = [header, "", "| " + " | ".join(columns) + " |",
+             "|" + "|".join("---:" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def publish(table: str, out: str | None) -> None:
+    """Print the table after the progress lines, and write it to ``out`` if given."""
+    print()
+    print(table)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(table)
