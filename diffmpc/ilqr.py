@@ -8,7 +8,9 @@ One iteration, for the samples that have not converged yet:
      Levenberg-Marquardt term stays zero unless a factorization or a line search failed;
   3. line search: the full step's closed-loop rollout, then, for the samples where it did not
      lower the cost, the rest of the step-size ladder at once; each sample takes the largest step
-     whose cost is lower, or keeps its trajectory.
+     whose cost is lower, or keeps its trajectory. A sample whose Newton step found no lower
+     cost takes the Gauss-Newton step of the same expansion (its Riccati pass and line search)
+     in the same iteration.
 A sample has converged when its Newton step (or its accepted step) is below ``tol``, or when no
 step lowers its cost and the predicted decrease is at the rounding floor. Converged samples are
 not touched again; the current iterate of a sample is always its best one.
@@ -209,6 +211,20 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
         first = first.index_put((retry,), part[3] + 1)
         found = found.index_put((retry,), part[4])
     found = found & gains.ok
+    settled = (newton_step <= tol * scale) | (expected <= floor)  # nothing left to gain
+    fb = (used_newton & ~found & ~settled).nonzero().squeeze(1)
+    if n_alpha > 1 and fb.numel() > 0:
+        # a failed Newton step: take the Gauss-Newton step in the same iteration (the expansion is
+        # the same), rather than spend the next iteration's expansion on it
+        sub = _take(fb)
+        gn = riccati(sub(C), sub(c), sub(F), None, sub(lo), sub(hi), None, sub(reg))
+        exp_gn = -(gn.dV[:, 0] + gn.dV[:, 1])
+        part = _search(sub(x_init), cost.subset(fb), dyn.subset(fb), sub(x), sub(u), sub(J), gn,
+                       sub(lower), sub(upper), alphas, sub(floor), exp_gn <= sub(floor))
+        Xa, Ua, Ja = (a.index_put((fb,), b) for a, b in zip((Xa, Ua, Ja), part[:3], strict=True))
+        first = first.index_put((fb,), part[3])
+        found = found.index_put((fb,), part[4] & gn.ok)
+        used_newton = used_newton.index_put((fb,), torch.zeros_like(fb, dtype=torch.bool))
     keep = ~found
     x_new = torch.where(keep[:, None, None], x, Xa)
     u_new = torch.where(keep[:, None, None], u, Ua)

@@ -508,3 +508,37 @@ def test_implicit_vs_unroll_script_tiny(tmp_path):
     assert [r["k"] for r in rows] == [1, 2]
     assert all(r["unr_mb"] > 0 and r["imp_mb"] > 0 for r in rows)
     assert len(out.read_text().splitlines()) == 6
+
+
+def test_failed_newton_step_falls_back_to_gauss_newton_in_the_same_iteration(monkeypatch):
+    """Cartpole swing-ups over T = 50: in the second iteration (the first with Newton steps) some
+    Newton steps find no lower cost. Those samples must take the Gauss-Newton step of the same
+    expansion in that iteration (a second Riccati pass on them), not stand still."""
+    import diffmpc.ilqr as ilqr_module
+
+    calls = []
+    original = ilqr_module.riccati
+
+    def recording(C, *args, **kwargs):
+        calls.append(C.shape[0])
+        return original(C, *args, **kwargs)
+
+    monkeypatch.setattr(ilqr_module, "riccati", recording)
+    system = make_system("cartpole")
+    B, T = 16, 50
+    x_init = starts("cartpole", B, seed=3)
+
+    def solve(max_iter):
+        mpc = dm.MPC(system.n_state, 1, T, system.u_lower, system.u_upper, max_iter=max_iter,
+                     unconverged="keep")
+        with torch.no_grad():
+            return mpc(x_init, system.default_cost().quad_cost(), system)
+
+    u1 = solve(1).u
+    calls.clear()
+    sol = solve(2)
+    # iteration 1: Gauss-Newton on all; iteration 2: Newton on all, then Gauss-Newton on the
+    # samples whose Newton step failed
+    assert calls[:2] == [B, B] and len(calls) == 3 and 0 < calls[2] < B
+    moved = (sol.u != u1).flatten(1).any(-1)
+    assert bool((moved | sol.converged).all())
