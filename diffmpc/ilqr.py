@@ -172,6 +172,7 @@ class _State:
     step: Tensor  # [B] inf-norm of the last accepted step
     conv: Tensor  # [B] converged
     newton: Tensor  # [B] use the Lagrangian's Hessian in the next iteration
+    fresh: Tensor  # [B] first iteration, from a guess whose stationarity must be probed
 
     def take(self, idx: Tensor) -> _State:
         return _State(*(getattr(self, f.name)[idx] for f in fields(self)))
@@ -241,6 +242,16 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
             ok = _kkt_satisfied(cost.subset(cand), Fh, x_new[cand], u_new[cand], lower[cand],
                                 upper[cand])
             conv = conv.index_put((cand,), ok)
+    if opts.second_order and not (dyn.linear and cost.quadratic):
+        # a stationary initial iterate can be a saddle or a maximum (a pendulum hanging at rest
+        # with u = 0: by symmetry no first-order step leaves it); probe it once
+        probe = (stationary & s.fresh & (step <= tol * scale)).nonzero().squeeze(1)
+        if probe.numel() > 0:
+            x_new, u_new, J_new, left = _leave_saddle(x_init[probe], cost.subset(probe),
+                                                      dyn.subset(probe), x_new, u_new, J_new,
+                                                      probe, _take(probe)(lower),
+                                                      _take(probe)(upper), scale[probe])
+            conv = conv.index_put((probe,), conv[probe] & ~left)
     # a failed Newton step falls back to Gauss-Newton before the regularization grows
     failed_newton = used_newton & ~found
     grow = ~found & ~failed_newton
@@ -249,7 +260,50 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     reg = torch.where(reg < opts.reg_init, torch.zeros_like(reg), reg)
     # Newton once a full Gauss-Newton (or Newton) step is accepted: the model is trusted there
     newton = opts.second_order & found & (first == 0)
-    return _State(x_new, u_new, J_new, reg, step, conv, newton), gains
+    return _State(x_new, u_new, J_new, reg, step, conv, newton,
+                  torch.zeros_like(conv)), gains
+
+
+def _leave_saddle(x_init, cost, dyn, x, u, J, idx, lower, upper, scale):
+    """Second-order check of stationary points ``idx`` of the batch (x ``[B, T, n]``, u, J):
+    where the exact Newton model (the Lagrangian's Hessian, no floor, no regularization) is not
+    positive definite on the free controls, the point is no local minimum; those samples move to
+    ``u +- 1e-3 (1 + max|u|)`` (the lower cost of the two, if lower than J).
+
+    Returns x, u, J (updated) and ``[len(idx)]`` bool: the samples that moved.
+    """
+    n = x.shape[-1]
+    xs, us = x[idx], u[idx]
+    H, c = cost.quadratize(xs, us)
+    F = dyn.jacobian(xs[:, :-1], us[:, :-1])
+    lam = costate(c[..., :n], time_major(F[..., :n]))
+    curv = dyn.curvature(xs[:, :-1], us[:, :-1], lam[:, 1:])
+    Hn = H if curv is None else torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
+    lo = None if lower is None else lower - us
+    hi = None if upper is None else upper - us
+    saddle = ~riccati(Hn, c, F, None, lo, hi).ok
+    left = torch.zeros_like(saddle)
+    if not bool(saddle.any()):
+        return x, u, J, left
+    k = saddle.nonzero().squeeze(1)
+    sub = _take(k)
+    best_J, best_x, best_u = J[idx][k], xs[k], us[k]
+    for sign in (1.0, -1.0):
+        up = us[k] + sign * 1e-3 * scale[k, None, None]
+        if lower is not None:
+            up = torch.clamp(up, sub(lower), sub(upper))
+        xp = rollout(dyn.subset(k), sub(x_init), up)
+        Jp = cost.subset(k).value(xp, up).sum(-1)
+        better = Jp < best_J
+        best_J = torch.where(better, Jp, best_J)
+        best_x = torch.where(better[:, None, None], xp, best_x)
+        best_u = torch.where(better[:, None, None], up, best_u)
+    moved = best_J < J[idx][k]
+    rows = idx[k]
+    x = x.index_put((rows,), torch.where(moved[:, None, None], best_x, xs[k]))
+    u = u.index_put((rows,), torch.where(moved[:, None, None], best_u, us[k]))
+    J = J.index_put((rows,), torch.where(moved, best_J, J[rows]))
+    return x, u, J, left.index_put((k,), moved)
 
 
 def _kkt_satisfied(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor, lower: Tensor,
@@ -284,6 +338,7 @@ def ilqr(
     upper: Tensor | None,
     opts: SolverOptions,
     create_graph: bool = False,
+    probe_saddles: bool = False,
 ) -> IterResult:
     """Solve a batch of (box-constrained) optimal control problems.
 
@@ -294,6 +349,10 @@ def ilqr(
         lower, upper: ``[B, T, m]`` bounds, or None for none.
         opts: SolverOptions.
         create_graph: keep the autograd graph through the iterations (unrolled gradients).
+        probe_saddles: a sample that is stationary at ``u_init`` (its first step is zero) gets a
+            second-order check, and leaves the point if it is no local minimum. Worth its cost
+            for a generic guess such as ``u = 0``, which is often a symmetric point (a pendulum
+            hanging at rest); a warm start from an earlier solution rarely needs it.
 
     Returns:
         IterResult.
@@ -310,7 +369,8 @@ def ilqr(
     dev = x_init.device
     flags = torch.zeros(B, dtype=torch.bool, device=dev)
     s = _State(x, u, cost.value(x, u).sum(-1), torch.zeros(B, dtype=x.dtype, device=dev),
-               torch.full((B,), float("inf"), dtype=x.dtype, device=dev), flags, flags)
+               torch.full((B,), float("inf"), dtype=x.dtype, device=dev), flags, flags,
+               flags | probe_saddles)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
     gains = None
     for _ in range(opts.max_iter):

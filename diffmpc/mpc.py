@@ -145,7 +145,9 @@ class MPC(nn.Module):
             x_init: ``[B, n]`` initial states (float32 or float64).
             cost: ``QuadCost`` or a cost module ``(x [..., n], u [..., m]) -> [...]``.
             dynamics: ``LinearDynamics`` or a module ``(x [B, n], u [B, m]) -> [B, n]``.
-            u_init: ``[B, T, m]`` warm start (broadcastable), default zeros.
+            u_init: ``[B, T, m]`` warm start (broadcastable), default zeros. If the default
+                guess is stationary, it gets a second-order check and a saddle is left (a
+                pendulum hanging at rest with u = 0 is one).
 
         Returns:
             MPCSolution.
@@ -167,11 +169,13 @@ class MPC(nn.Module):
         else:
             lower_c = upper_c = None
         if mode == BackwardMode.UNROLL and torch.is_grad_enabled():
-            res = ilqr(x_init, cost_a, dyn_a, u0, lower, upper, self.options, create_graph=True)
+            res = ilqr(x_init, cost_a, dyn_a, u0, lower, upper, self.options, create_graph=True,
+                       probe_saddles=u_init is None)
             sol = _solution(res, res.x, res.u, res.objective)
         else:
             with torch.no_grad():
-                res = ilqr(x_init, cost_a, dyn_a, u0, lower_c, upper_c, self.options)
+                res = ilqr(x_init, cost_a, dyn_a, u0, lower_c, upper_c, self.options,
+                           probe_saddles=u_init is None)
             if torch.is_grad_enabled() and _needs_grad(x_init, cost, dynamics, lower, upper):
                 x, u, obj = _implicit(x_init, cost_a, dyn_a, res, lower, upper,
                                       mode == BackwardMode.IMPLICIT, self.options)

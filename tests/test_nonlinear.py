@@ -542,3 +542,26 @@ def test_failed_newton_step_falls_back_to_gauss_newton_in_the_same_iteration(mon
     assert calls[:2] == [B, B] and len(calls) == 3 and 0 < calls[2] < B
     moved = (sol.u != u1).flatten(1).any(-1)
     assert bool((moved | sol.converged).all())
+
+
+def test_a_saddle_at_the_initial_iterate_is_left():
+    """A pendulum hanging at rest with u = 0 is a stationary point of the swing-up (by symmetry no
+    first-order step leaves it) but no minimum: the solver must not stop there. Reference:
+    L-BFGS-B started just off the symmetric point (a 1e-3 torque)."""
+    sysm = make_system("pendulum")
+    cost = sysm.default_cost(learn_goal=False, learn_weights=False)
+    for p in sysm.parameters():
+        p.requires_grad_(False)
+    T = 20
+    x_init = torch.tensor([[-1.0, 0.0, 0.0]], dtype=DT)
+    u0 = torch.zeros(1, T, 1, dtype=DT)
+    with torch.no_grad():
+        sol = solve(sysm, cost, x_init, T)
+        J_rest = float(shooting(sysm, cost, x_init, u0))
+        J_sol = float(shooting(sysm, cost, x_init, sol.u))  # the same objective as the reference
+    lo, hi = float(sysm.u_lower), float(sysm.u_upper)
+    u_ref = lbfgsb(sysm, cost, x_init, u0 + 1e-3, lo, hi)
+    J_ref = float(shooting(sysm, cost, x_init, u_ref))
+    assert J_ref < J_rest - 1.0  # the reference did leave it
+    assert bool(sol.converged.all())
+    assert J_sol <= J_ref + 1e-8
