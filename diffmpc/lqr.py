@@ -160,12 +160,12 @@ def riccati(
         Gains (K, k, L are batch-first views of time-major storage).
 
     The recursion runs in homogeneous coordinates ``[1; x]`` (``homogeneous_cost``,
-    ``homogeneous_dynamics``): one product ``Qh = Ch_t + Fh_t' Vh Fh_t`` gives Q and q together,
-    one solve gives ``[k | K]``, and one product the value ``Vh = [[., v'], [v, V]]``.
+    ``homogeneous_dynamics``): ``Qh = Ch_t + Fh_t' Vh Fh_t`` (two products, then C_t and c_t
+    added in place) gives Q and q together, one solve gives ``[k | K]``, and one product the
+    value ``Vh = [[., v'], [v, V]]``.
     """
     B, T, p, _ = C.shape
     n = F.shape[-2]
-    Ch = homogeneous_cost(C, c)
     Fh = homogeneous_dynamics(F, d) if T > 1 else None
     Khs, frees, infos, qus, Quus, Ls = ([None] * T for _ in range(6))
     # Without regularization K and k minimize the step's model on the free controls, so the value
@@ -176,7 +176,12 @@ def riccati(
     eye = None if reg is None or scalar else torch.eye(p - n, dtype=C.dtype, device=C.device)
     Vh = None
     for t in range(T - 1, -1, -1):
-        Q = Ch[t] if Vh is None else torch.baddbmm(Ch[t], Fh[t].mT @ Vh, Fh[t])
+        if Vh is None:
+            Q = homogeneous_cost(C[:, t:], c[:, t:])[0]
+        else:  # Ch_t is not materialized for all t: at large B that costs fresh pages each call
+            Q = (Fh[t].mT @ Vh) @ Fh[t]
+            Q[:, 1:, 1:] += C[:, t]
+            Q[:, 1:, 0] += c[:, t]
         Quu, R = Q[:, n + 1:, n + 1:], Q[:, n + 1:, :n + 1]  # R = [qu | Qux]
         if uu_floor is not None:
             Quu = _floor_pd(Quu, uu_floor)
