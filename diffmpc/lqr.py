@@ -22,6 +22,8 @@ from diffmpc.boxqp import box_qp, masked_cholesky
 
 __all__ = ["Gains", "riccati", "feedforward", "rollout_affine", "costate", "time_major"]
 
+_CH_MAX_BYTES = 2**24  # riccati materializes Ch up to this size (16 MB)
+
 
 @dataclass
 class Gains:
@@ -160,13 +162,16 @@ def riccati(
         Gains (K, k, L are batch-first views of time-major storage).
 
     The recursion runs in homogeneous coordinates ``[1; x]`` (``homogeneous_cost``,
-    ``homogeneous_dynamics``): ``Qh = Ch_t + Fh_t' Vh Fh_t`` (two products, then C_t and c_t
-    added in place) gives Q and q together, one solve gives ``[k | K]``, and one product the
-    value ``Vh = [[., v'], [v, V]]``.
+    ``homogeneous_dynamics``): ``Qh = Ch_t + Fh_t' Vh Fh_t`` (two products; on large problems
+    C_t and c_t are added in place instead of materializing Ch) gives Q and q together, one
+    solve gives ``[k | K]``, and one product the value ``Vh = [[., v'], [v, V]]``.
     """
     B, T, p, _ = C.shape
     n = F.shape[-2]
     Fh = homogeneous_dynamics(F, d) if T > 1 else None
+    # small problems: Ch for all steps at once (one fused product per step); large ones: C_t and
+    # c_t added per step (Ch would be a fresh, page-faulted block of memory at every call)
+    Ch = homogeneous_cost(C, c) if B * T * (p + 1) ** 2 * C.element_size() < _CH_MAX_BYTES else None
     Khs, frees, infos, qus, Quus, Ls = ([None] * T for _ in range(6))
     # Without regularization K and k minimize the step's model on the free controls, so the value
     # update has the short form Vh = Qh_xx + Qh_xu Kh (whose first column is [.; v]); with it the
@@ -176,9 +181,11 @@ def riccati(
     eye = None if reg is None or scalar else torch.eye(p - n, dtype=C.dtype, device=C.device)
     Vh = None
     for t in range(T - 1, -1, -1):
-        if Vh is None:
+        if Ch is not None:
+            Q = Ch[t] if Vh is None else torch.baddbmm(Ch[t], Fh[t].mT @ Vh, Fh[t])
+        elif Vh is None:
             Q = homogeneous_cost(C[:, t:], c[:, t:])[0]
-        else:  # Ch_t is not materialized for all t: at large B that costs fresh pages each call
+        else:
             Q = (Fh[t].mT @ Vh) @ Fh[t]
             Q[:, 1:, 1:] += C[:, t]
             Q[:, 1:, 0] += c[:, t]
