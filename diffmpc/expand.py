@@ -190,6 +190,14 @@ class TrajDynamics:
         _, _, H = batch_hessian(weighted, z, create_graph)
         return H.reshape(*lead, n + self.m, n + self.m)
 
+    def lagrangian_hessian(self, H: Tensor, x: Tensor, u: Tensor, lam: Tensor,
+                           create_graph: bool = False) -> Tensor:
+        """The cost Hessians ``H [B, T, p, p]`` plus the dynamics' curvature weighted by the
+        costate ``lam [B, T, n]`` (``curvature``) on the steps with a transition: the Hessian of
+        the Lagrangian in tau along the trajectory x ``[B, T, n]``, u ``[B, T, m]``."""
+        curv = self.curvature(x[:, :-1], u[:, :-1], lam[:, 1:], create_graph)
+        return H if curv is None else torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
+
 
 class TrajCost:
     """Cost over a batch of trajectories.

@@ -146,8 +146,7 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Ga
         return riccati(C, c, F, None, lo, hi, None, reg), torch.zeros_like(newton)
     n = x.shape[-1]
     lam = costate(c[..., :n], time_major(F[..., :n]))
-    curv = dyn.curvature(x[:, :-1], u[:, :-1], lam[:, 1:], create_graph)
-    Hn = H if curv is None else torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
+    Hn = dyn.lagrangian_hessian(H, x, u, lam, create_graph)
     Hn = torch.where(newton[:, None, None, None], Hn, C)
     floor = C[..., n:, n:].diagonal(dim1=-2, dim2=-1).flatten(1).amin(-1)
     full = riccati(Hn, c, F, None, lo, hi, None, reg, floor)
@@ -200,8 +199,10 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     n_alpha = 1 if exact else opts.line_search_steps
     alphas = opts.line_search_decay ** torch.arange(n_alpha, dtype=x.dtype, device=x.device)
     floor = 100 * torch.finfo(x.dtype).eps * (1.0 + J.detach().abs())
+    small_step = newton_step <= tol * scale  # the model's minimizer is here already
+    at_floor = expected <= floor  # the predicted decrease is at the rounding floor
     Xa, Ua, Ja, first, found = _search(x_init, cost, dyn, x, u, J, gains, lower, upper,
-                                       alphas[:1], floor, expected <= floor)
+                                       alphas[:1], floor, at_floor)
     retry = (~found & gains.ok).nonzero().squeeze(1)
     if n_alpha > 1 and retry.numel() > 0:  # the rest of the ladder, for those the full step failed
         sub = _take(retry)
@@ -212,8 +213,7 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
         first = first.index_put((retry,), part[3] + 1)
         found = found.index_put((retry,), part[4])
     found = found & gains.ok
-    settled = (newton_step <= tol * scale) | (expected <= floor)  # nothing left to gain
-    fb = (used_newton & ~found & ~settled).nonzero().squeeze(1)
+    fb = (used_newton & ~found & ~small_step & ~at_floor).nonzero().squeeze(1)
     if n_alpha > 1 and fb.numel() > 0:
         # a failed Newton step: take the Gauss-Newton step in the same iteration (the expansion is
         # the same), rather than spend the next iteration's expansion on it
@@ -231,7 +231,7 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     u_new = torch.where(keep[:, None, None], u, Ua)
     J_new = torch.where(keep, J, Ja)
     step = torch.where(found, (u_new - u).detach().abs().flatten(1).amax(-1), torch.zeros_like(scale))
-    stationary = gains.ok & ((newton_step <= tol * scale) | (~found & (expected <= floor)))
+    stationary = gains.ok & (small_step | (~found & at_floor))
     conv = stationary | (found & ((step <= tol * scale) | exact))
     if dyn.linear and cost.quadratic and lower is not None:
         # a full step of an exact (linear-quadratic) model lands on the solution once it has the
@@ -277,8 +277,7 @@ def _leave_saddle(x_init, cost, dyn, x, u, J, idx, lower, upper, scale):
     H, c = cost.quadratize(xs, us)
     F = dyn.jacobian(xs[:, :-1], us[:, :-1])
     lam = costate(c[..., :n], time_major(F[..., :n]))
-    curv = dyn.curvature(xs[:, :-1], us[:, :-1], lam[:, 1:])
-    Hn = H if curv is None else torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
+    Hn = dyn.lagrangian_hessian(H, xs, us, lam)
     lo = None if lower is None else lower - us
     hi = None if upper is None else upper - us
     saddle = ~riccati(Hn, c, F, None, lo, hi).ok
@@ -395,9 +394,7 @@ def ilqr(
 def _lqr(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u_init: Tensor) -> IterResult | None:
     """An unconstrained LQR in one Riccati pass and one rollout, or None if some control
     Hessian of the recursion is not positive definite (the iterations regularize those)."""
-    x0 = torch.zeros_like(x_init)
-    H, c = cost.quadratize(x0.unsqueeze(1).expand(-1, cost.T, -1), u_init.new_zeros(u_init.shape))
-    gains = riccati(H, c, dyn.F, dyn.f)
+    gains = riccati(cost.C, cost.c, dyn.F, dyn.f)  # absolute coordinates: tau = 0 plus the step
     if not bool(gains.ok.all()):
         return None
     x, u = rollout_affine(gains, x_init)

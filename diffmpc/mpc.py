@@ -296,9 +296,8 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
             lam = costate(g[..., :n], res.gains.Fh[:, :, 1:, 1:n + 1])
         else:
             lam = costate(g[..., :n], time_major(F[..., :n]))
-        curv = dyn.curvature(x[:, :-1], u[:, :-1], lam[:, 1:]) if exact else None
-        if curv is not None:
-            H = torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
+        if exact:
+            H = dyn.lagrangian_hessian(H, x, u, lam)
     with torch.enable_grad():
         xs, us = x.clone().requires_grad_(True), u.clone().requires_grad_(True)
         u_eff = us if lower is None else torch.where(lo_act, lower, torch.where(hi_act, upper, us))
