@@ -1,9 +1,14 @@
-"""What the benchmark scripts share: the ``--sizes`` argument, progress lines and the markdown
-table they print and write with ``--out``."""
+"""What the benchmark scripts share: the ``--sizes`` and ``--device`` arguments, timing that waits
+for the device, progress lines and the markdown table they print and write with ``--out``."""
 
 from __future__ import annotations
 
 import argparse
+import time
+
+import torch
+
+CPU = torch.device("cpu")
 
 
 def sizes(text: str) -> list[tuple[int, int]]:
@@ -15,6 +20,34 @@ def sizes(text: str) -> list[tuple[int, int]]:
     if not out or any(len(s) != 2 for s in out):
         raise argparse.ArgumentTypeError(f"--sizes: expected BxT[,BxT...], got {text!r}")
     return out
+
+
+def device(text: str) -> torch.device:
+    """argparse type of ``--device``: ``cpu``, ``cuda`` or ``cuda:N``, which must be available."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"--device: expected cpu or cuda[:N], got {text!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device: {text!r} requested, but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device: expected cpu or cuda[:N], got {text!r}")
+    return dev
+
+
+def clock(dev: torch.device) -> float:
+    """``time.perf_counter()`` after the work queued on ``dev`` has finished (CUDA runs
+    asynchronously: without the wait a timer would measure kernel launches only)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def device_name(dev: torch.device) -> str:
+    """``"CPU, N thread(s)"`` or the GPU's name, for table headers."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU, {torch.get_num_threads()} thread(s)"
 
 
 def ints(text: str) -> list[int]:

@@ -26,6 +26,7 @@ Usage:
     python benchmarks/nonlinear_speed.py                    # the full table (many minutes)
     python benchmarks/nonlinear_speed.py --quick            # a small subset
     python benchmarks/nonlinear_speed.py --systems cartpole --sizes 256x50 --out table.md
+    python benchmarks/nonlinear_speed.py --device cuda --sizes 1x20,256x20,256x50
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report lies beside 
 import _report  # noqa: E402
 
 DT = torch.float64
+CPU = _report.CPU
 FULL_SIZES = [(B, T) for T in (20, 50) for B in (1, 32, 256)]
 QUICK_SIZES = [(1, 20), (32, 20)]
 PARAMS = {"pendulum": (10.0, 1.0, 1.0), "cartpole": (9.8, 1.0, 0.1, 0.5)}
@@ -59,17 +61,19 @@ class Problem:
     ``W [B, T, 1]``."""
 
     name: str
+    device: torch.device
     x_init: torch.Tensor
     q: torch.Tensor
     c: torch.Tensor
     W: torch.Tensor
 
 
-def make_system(name: str):
-    return Pendulum(dtype=DT) if name == "pendulum" else Cartpole(dtype=DT)
+def make_system(name: str, device: torch.device = CPU):
+    return (Pendulum(dtype=DT) if name == "pendulum" else Cartpole(dtype=DT)).to(device)
 
 
-def make_problem(name: str, B: int, T: int, seed: int = 0) -> Problem:
+def make_problem(name: str, B: int, T: int, seed: int = 0, device: torch.device = CPU) -> Problem:
+    """Drawn on the CPU (the same numbers whatever the device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     th = (2 * torch.rand(B, generator=g, dtype=DT) - 1) * math.pi
     r = lambda s: s * torch.randn(B, generator=g, dtype=DT)  # noqa: E731
@@ -78,13 +82,14 @@ def make_problem(name: str, B: int, T: int, seed: int = 0) -> Problem:
     else:
         x_init = torch.stack([r(0.5), r(0.5), th.cos(), th.sin(), r(0.5)], -1)
     quad = make_system(name).default_cost().quad_cost()  # 1/2 tau' C tau + c' tau, C diagonal
-    return Problem(name, x_init, torch.diagonal(quad.C).detach().clone(), quad.c.detach().clone(),
-                   torch.randn(B, T, 1, generator=g, dtype=DT))
+    tensors = (x_init, torch.diagonal(quad.C).detach().clone(), quad.c.detach().clone(),
+               torch.randn(B, T, 1, generator=g, dtype=DT))
+    return Problem(name, device, *(t.to(device) for t in tensors))
 
 
 def objective(prob: Problem, u: torch.Tensor) -> torch.Tensor:
     """``[B]`` cost of controls ``u [B, T, 1]``: a rollout through diffmpc's model."""
-    system = make_system(prob.name)
+    system = make_system(prob.name, prob.device)
     with torch.no_grad():
         xs = [prob.x_init]
         for t in range(u.shape[1] - 1):
@@ -109,15 +114,15 @@ class Run:
 
 
 def run_diffmpc(prob: Problem, T: int, options: dict) -> Run:
-    system = make_system(prob.name)
+    system = make_system(prob.name, prob.device)
     n = system.n_state
     mpc = dm.MPC(n, 1, T, system.u_lower, system.u_upper, unconverged="keep", **options)
     x_init, q, c = (t.clone().requires_grad_(True) for t in (prob.x_init, prob.q, prob.c))
-    t0 = time.perf_counter()
+    t0 = _report.clock(prob.device)
     sol = mpc(x_init, dm.QuadCost(torch.diag(q), c), system)
-    t1 = time.perf_counter()
+    t1 = _report.clock(prob.device)
     (sol.u * prob.W).sum().backward()
-    t2 = time.perf_counter()
+    t2 = _report.clock(prob.device)
     return Run(1e3 * (t1 - t0), 1e3 * (t2 - t0), sol.u.detach(), sol.converged,
                sol.iterations)
 
@@ -136,7 +141,7 @@ def run_mpcpytorch(prob: Problem, T: int) -> Run:
     from mpc.env_dx.cartpole import CartpoleDx
     from mpc.env_dx.pendulum import PendulumDx
 
-    params = torch.tensor(PARAMS[prob.name], dtype=DT, requires_grad=True)
+    params = torch.tensor(PARAMS[prob.name], dtype=DT, device=prob.device, requires_grad=True)
     dx = PendulumDx(params=params) if prob.name == "pendulum" else CartpoleDx(params=params)
     B, n = prob.x_init.shape
     ctrl = mpcpt.MPC(n, 1, T, u_lower=dx.lower, u_upper=dx.upper, lqr_iter=50, verbose=-1,
@@ -144,26 +149,26 @@ def run_mpcpytorch(prob: Problem, T: int) -> Run:
                      linesearch_decay=dx.linesearch_decay,
                      max_linesearch_iter=dx.max_linesearch_iter,
                      grad_method=mpcpt.GradMethods.AUTO_DIFF, eps=dx.mpc_eps, n_batch=B)
-    trace = _trace(ctrl, B)
+    trace = _trace(ctrl, B, prob.device)
     x_init, q, c = (t.clone().requires_grad_(True) for t in (prob.x_init, prob.q, prob.c))
     C = torch.diag(q).expand(T, B, n + 1, n + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecated calls
-        t0 = time.perf_counter()
+        t0 = _report.clock(prob.device)
         _, u, _ = ctrl(x_init, mpcpt.QuadCost(C, c.expand(T, B, n + 1)), dx)
-        t1 = time.perf_counter()
+        t1 = _report.clock(prob.device)
         (u * prob.W.transpose(0, 1)).sum().backward()
-        t2 = time.perf_counter()
+        t2 = _report.clock(prob.device)
     conv = trace["best_du"] < dx.mpc_eps
-    iters = torch.full((B,), trace["iters"], dtype=torch.long)
+    iters = torch.full((B,), trace["iters"], dtype=torch.long, device=prob.device)
     return Run(1e3 * (t1 - t0), 1e3 * (t2 - t0), u.detach().transpose(0, 1), conv, iters)
 
 
-def _trace(ctrl, B: int) -> dict:
+def _trace(ctrl, B: int, device: torch.device) -> dict:
     """Record mpc.pytorch's iterations and, per sample, the full step of its best iterate (it
     keeps an iterate whose cost is within ``best_cost_eps`` of the best so far)."""
-    trace = {"iters": 0, "best_cost": torch.full((B,), math.inf, dtype=DT),
-             "best_du": torch.full((B,), math.inf, dtype=DT)}
+    inf = torch.full((B,), math.inf, dtype=DT, device=device)
+    trace = {"iters": 0, "best_cost": inf, "best_du": inf}
     solve = ctrl.solve_lqr_subproblem
 
     def wrapped(*args, **kwargs):
@@ -195,7 +200,7 @@ def _timed(fn, reps: int, budget: float) -> tuple[float, float, Run]:
 
 
 def bench_config(name: str, B: int, T: int, args) -> dict:
-    prob = make_problem(name, B, T, seed=args.seed)
+    prob = make_problem(name, B, T, seed=args.seed, device=args.device)
     row = {"system": name, "B": B, "T": T}
     run_diffmpc(prob, T, args.options)  # warm-up
     row["d_fwd"], row["d_fb"], d = _timed(lambda: run_diffmpc(prob, T, args.options),
@@ -205,8 +210,14 @@ def bench_config(name: str, B: int, T: int, args) -> dict:
                d_conv=float(d.converged.double().mean()), d_obj=float(J_d.mean()))
     if args.no_reference:
         return row
-    row["p_fwd"], row["p_fb"], p = _timed(lambda: run_mpcpytorch(prob, T), args.reps,
-                                          args.ref_budget)
+    try:
+        if args.device.type == "cuda":  # untimed: CUDA's libraries warm up for it too
+            run_mpcpytorch(prob, T)
+        row["p_fwd"], row["p_fb"], p = _timed(lambda: run_mpcpytorch(prob, T), args.reps,
+                                              args.ref_budget)
+    except Exception as exc:  # noqa: BLE001 - its code predates current PyTorch: report, go on
+        row["target"] = f"mpc.pytorch failed: {type(exc).__name__}: {str(exc)[:100]}"
+        return row
     J_p = objective(prob, p.u)
     row.update(p_iter=int(p.iterations.max()), p_conv=float(p.converged.double().mean()),
                p_obj=float(J_p.mean()), no_worse=float((J_d <= J_p + 1e-6).double().mean()))
@@ -274,6 +285,8 @@ def parse_args(argv=None):
     ap.add_argument("--sizes", type=_report.sizes, help="comma-separated BxT, e.g. 1x20,256x50")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (median; default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--device", type=_report.device, default=CPU,
+                    help="cpu (default) or cuda[:N]: both solvers run there")
     ap.add_argument("--ref-budget", type=float, default=60.0,
                     help="seconds per configuration for mpc.pytorch; fewer repetitions past it")
     ap.add_argument("--option", type=_option, action="append", default=[],
@@ -300,7 +313,7 @@ def main(argv=None) -> list[dict]:
     if not args.no_reference:
         _patch_mpc_pytorch()
     opts = ", ".join(f"{k}={v}" for k, v in args.options.items()) or "defaults"
-    print(f"nonlinear_speed: float64, threads={torch.get_num_threads()}, reps={args.reps}, "
+    print(f"nonlinear_speed: float64, {_report.device_name(args.device)}, reps={args.reps}, "
           f"diffmpc options: {opts}", flush=True)
     rows = []
     for name in args.systems:
@@ -308,7 +321,7 @@ def main(argv=None) -> list[dict]:
             row = bench_config(name, B, T, args)
             rows.append(row)
             print(_report.progress(COLUMNS, _fmt(row)), flush=True)
-    header = (f"Nonlinear MPC speed (swing-up, float64, {torch.get_num_threads()} thread(s), "
+    header = (f"Nonlinear MPC speed (swing-up, float64, {_report.device_name(args.device)}, "
               f"median of up to {args.reps}; mpc.pytorch: lqr_iter=50, AUTO_DIFF, its env's "
               f"settings; diffmpc options: {opts})")
     _report.publish(markdown(rows, header), args.out)

@@ -15,6 +15,7 @@ Usage:
     python benchmarks/solver_speed.py                      # the full table (minutes)
     python benchmarks/solver_speed.py --quick              # a small subset
     python benchmarks/solver_speed.py --sizes 256x50 --box on --out results.md
+    python benchmarks/solver_speed.py --device cuda --sizes 256x50,1024x50 --no-cvxpy
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +53,9 @@ class Problem:
     W: torch.Tensor
 
 
-def make_problem(B: int, T: int, seed: int = 0) -> Problem:
-    """Random stable time-varying dynamics (spectral norm of A_t = 0.95) and PD costs."""
+def make_problem(B: int, T: int, seed: int = 0, device: str | torch.device = "cpu") -> Problem:
+    """Random stable time-varying dynamics (spectral norm of A_t = 0.95) and PD costs, drawn on
+    the CPU (the same numbers whatever the device) and moved to ``device``."""
     n, m = N_STATE, N_CTRL
     p = n + m
     g = torch.Generator().manual_seed(seed)
@@ -66,9 +67,10 @@ def make_problem(B: int, T: int, seed: int = 0) -> Problem:
     A = 0.95 * M / torch.linalg.matrix_norm(M, ord=2)[..., None, None]
     L = randn(B, T, p, p)
     C = L @ L.mT / p + 0.1 * torch.eye(p, dtype=torch.float64)
-    return Problem(x_init=randn(B, n), C=0.5 * (C + C.mT), c=randn(B, T, p),
+    tensors = dict(x_init=randn(B, n), C=0.5 * (C + C.mT), c=randn(B, T, p),
                    F=torch.cat([A, randn(B, T - 1, n, m) / m ** 0.5], -1),
                    f=0.5 * randn(B, T - 1, n), W=randn(B, T, m))
+    return Problem(**{k: v.to(device) for k, v in tensors.items()})
 
 
 # ------------------------------------------------------------------------------- solvers
@@ -113,7 +115,7 @@ def run_mpcpytorch(prob: Problem, T: int, box: bool, grad: bool, lqr_iter: int):
     return u.detach().transpose(0, 1), grads
 
 
-def _timed(fns: dict, reps: int, budget: dict) -> tuple[dict, dict]:
+def _timed(fns: dict, reps: int, budget: dict, dev: torch.device) -> tuple[dict, dict]:
     """Median wall time (ms) of each function over ``reps`` rounds, the functions interleaved
     within a round (so that load from other processes hits them alike). A function whose total
     time exceeds ``budget[name]`` seconds is not called again. Returns medians and last outputs.
@@ -124,9 +126,9 @@ def _timed(fns: dict, reps: int, budget: dict) -> tuple[dict, dict]:
         for name, fn in fns.items():
             if sum(times[name]) / 1e3 > budget.get(name, float("inf")):
                 continue
-            t0 = time.perf_counter()
+            t0 = _report.clock(dev)
             outs[name] = fn()
-            times[name].append(1e3 * (time.perf_counter() - t0))
+            times[name].append(1e3 * (_report.clock(dev) - t0))
     return {k: statistics.median(v) for k, v in times.items()}, outs
 
 
@@ -144,6 +146,8 @@ def cvxpy_error(prob: Problem, u_ref: torch.Tensor, box: bool, k: int = 2) -> fl
     except ImportError:
         return float("nan")
     err = 0.0
+    prob = Problem(*(t.cpu() for t in (prob.x_init, prob.C, prob.c, prob.F, prob.f, prob.W)))
+    u_ref = u_ref.cpu()
     for b in range(min(k, prob.C.shape[0])):
         u = _cvxpy_solve(cp, prob, b, box, None)
         if box:
@@ -175,7 +179,7 @@ def _cvxpy_solve(cp, prob: Problem, b: int, box: bool, fixed) -> torch.Tensor:
 
 
 def bench_config(B: int, T: int, box: bool, args, ref_time_hint: float | None) -> dict:
-    prob = make_problem(B, T, seed=args.seed)
+    prob = make_problem(B, T, seed=args.seed, device=args.device)
     row = {"B": B, "T": T, "box": box}
     run_diffmpc(prob, T, box, True)  # warm-up
     fns = {"d_fwd": lambda: run_diffmpc(prob, T, box, False),
@@ -184,11 +188,13 @@ def bench_config(B: int, T: int, box: bool, args, ref_time_hint: float | None) -
         pass
     elif ref_time_hint is not None and ref_time_hint > args.ref_budget:
         row["skipped"] = f"mpc.pytorch skipped: predicted {ref_time_hint:.0f} s per solve"
+    elif (failure := _reference_fails(prob, T, box, args)) is not None:
+        row["skipped"] = failure
     else:
         fns["p_fwd"] = lambda: run_mpcpytorch(prob, T, box, False, args.lqr_iter)
         fns["p_fb"] = lambda: run_mpcpytorch(prob, T, box, True, args.lqr_iter)
     half = args.ref_budget / 2
-    medians, outs = _timed(fns, args.reps, {"p_fwd": half, "p_fb": half})
+    medians, outs = _timed(fns, args.reps, {"p_fwd": half, "p_fb": half}, args.device)
     row.update(medians)
     u_d, conv_d, g_d = outs["d_fb"]
     u_ref, _, _ = run_diffmpc(prob, T, box, False, tol=1e-10, max_iter=200)
@@ -207,6 +213,19 @@ def bench_config(B: int, T: int, box: bool, args, ref_time_hint: float | None) -
                for a, b in zip(g_d, g_p, strict=True)]
         row["grad_rel"] = max(rel)
     return row
+
+
+def _reference_fails(prob: Problem, T: int, box: bool, args) -> str | None:
+    """On CUDA, one untimed mpc.pytorch solve: it warms up CUDA's libraries for it as diffmpc's
+    warm-up does for diffmpc, and an error there (its code predates current PyTorch) becomes a
+    note in the table instead of ending the run. None if it ran (or on the CPU)."""
+    if args.device.type != "cuda":
+        return None
+    try:
+        run_mpcpytorch(prob, T, box, True, args.lqr_iter)
+    except Exception as exc:  # noqa: BLE001 - any failure of the reference is reported
+        return f"mpc.pytorch failed on {args.device}: {type(exc).__name__}: {str(exc)[:120]}"
+    return None
 
 
 # ---------------------------------------------------------------------------------- table
@@ -246,6 +265,8 @@ def parse_args(argv=None):
     ap.add_argument("--box", choices=["both", "on", "off"], default="both")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (median; default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--device", type=_report.device, default=_report.CPU,
+                    help="cpu (default) or cuda[:N]: both solvers run there")
     ap.add_argument("--lqr-iter", type=int, default=20, help="mpc.pytorch lqr_iter (default 20)")
     ap.add_argument("--ref-budget", type=float, default=60.0,
                     help="seconds per configuration for mpc.pytorch (fwd and fwd+bwd half each): "
@@ -270,7 +291,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     boxes = {"both": [False, True], "on": [True], "off": [False]}[args.box]
-    print(f"solver_speed: n={N_STATE}, m={N_CTRL}, float64, threads={torch.get_num_threads()}, "
+    print(f"solver_speed: n={N_STATE}, m={N_CTRL}, float64, {_report.device_name(args.device)}, "
           f"reps={args.reps}, mpc.pytorch lqr_iter={args.lqr_iter}", flush=True)
     rows, last_fb = [], {}
     for B, T in args.sizes:
@@ -282,8 +303,8 @@ def main(argv=None) -> list[dict]:
                 last_fb[(T, box)] = (B, row["p_fb"])
             rows.append(row)
             print(_report.progress(COLUMNS, _fmt(row)), flush=True)
-    header = (f"Solver speed (n={N_STATE}, m={N_CTRL}, float64, {torch.get_num_threads()} "
-              f"thread(s), median of {args.reps}; mpc.pytorch lqr_iter={args.lqr_iter}; "
+    header = (f"Solver speed (n={N_STATE}, m={N_CTRL}, float64, {_report.device_name(args.device)}, "
+              f"median of {args.reps}; mpc.pytorch lqr_iter={args.lqr_iter}; "
               f"box: |u| <= {BOUND})")
     _report.publish(markdown(rows, header), args.out)
     return rows

@@ -100,11 +100,11 @@ class MPCPolicy(nn.Module):
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Numpy convenience: ``obs [obs_dim]`` or ``[B, obs_dim]`` -> float32 actions, no grad."""
-        o = torch.as_tensor(np.asarray(obs), dtype=self.u_lower.dtype)
+        o = torch.as_tensor(np.asarray(obs), dtype=self.u_lower.dtype, device=self.u_lower.device)
         single = o.dim() == 1
         with torch.no_grad():
             a = self(o.unsqueeze(0) if single else o)
-        a = a.numpy().astype(np.float32)
+        a = a.cpu().numpy().astype(np.float32)
         return a[0] if single else a
 
     def extra_repr(self) -> str:

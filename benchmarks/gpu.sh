@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The CUDA checks and the GPU benchmarks in one run: tests/test_cuda.py, then the three benchmark
+# scripts with --device cuda at the sizes of the issues' targets. Each step has a time limit (at
+# most 7 minutes in all); a step that fails or runs out is reported and the next one runs.
+#
+# Usage: bash benchmarks/gpu.sh [OUTDIR]        (default gpu-results/)
+# Needs a python3 whose torch has CUDA, with pytest, numpy and scipy; mpc.pytorch (the `mpc`
+# package, installed with --no-deps or on PYTHONPATH) for the reference columns.
+# DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh runs the same steps on tiny sizes on the CPU.
+set -u
+OUT=${1:-gpu-results}
+DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -n "${QUICK:-}" ]; then
+    LQR=4x10 NL=2x20 ITERS=1,4 REPS=1
+else
+    LQR=256x50,1024x50 NL=1x20,256x20,256x50 ITERS=1,4,16,64 REPS=3
+fi
+status=0
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== $name failed (exit $rc)"; status=1; }
+}
+{ nvidia-smi -L 2>/dev/null || true
+  $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+} | tee "$OUT/device.log"
+step test_cuda 90 env DIFFMPC_TEST_DEVICE="$DEVICE" $PY -m pytest -q -p no:cacheprovider \
+    tests/test_cuda.py
+step solver 120 $PY benchmarks/solver_speed.py --device "$DEVICE" --sizes "$LQR" --no-cvxpy \
+    --ref-budget 20 --out "$OUT/solver.md"
+step nonlinear 150 $PY benchmarks/nonlinear_speed.py --device "$DEVICE" --sizes "$NL" \
+    --reps "$REPS" --ref-budget 15 --out "$OUT/nonlinear.md"
+step implicit 60 $PY benchmarks/implicit_vs_unroll.py --device "$DEVICE" --iters "$ITERS" \
+    --reps 1 --out "$OUT/implicit.md"
+exit $status
