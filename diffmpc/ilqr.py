@@ -71,7 +71,7 @@ class IterResult:
     converged: Tensor  # [B] bool
     iterations: Tensor  # [B] long
     step_norm: Tensor  # [B] last step's inf-norm
-    gains: Gains | None = None  # the factorization of an unconstrained LQR solved in one pass
+    gains: Gains | None = None  # an LQ solve's factorization at its final free set, if any
 
 
 def rollout(dyn: TrajDynamics, x_init: Tensor, u: Tensor) -> Tensor:
@@ -305,15 +305,11 @@ def _leave_saddle(x_init, cost, dyn, x, u, J, idx, lower, upper, scale):
     return x, u, J, left.index_put((k,), moved)
 
 
-def _kkt_satisfied(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor, lower: Tensor,
-                   upper: Tensor) -> Tensor:
-    """``[B]``: (x, u) satisfies the KKT conditions of a box-constrained linear-quadratic problem
-    up to rounding (``sqrt(eps)`` relative to the largest cost gradient).
-
-    The gradient of the Lagrangian in u (``C tau + c + F_u' lam``, with the costate ``lam``) must
-    vanish on the free controls and point outward at the bounds: ``>= 0`` at the lower bound,
-    ``<= 0`` at the upper one. ``Fh``: the homogeneous time-major dynamics of ``riccati``.
-    """
+def _grad_u(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient of the Lagrangian in u of a linear-quadratic problem at (x, u), where x follows
+    the dynamics: ``C tau + c + F_u' lam`` with the costate ``lam``. ``Fh``: the homogeneous
+    time-major dynamics of ``riccati``. Returns ``gu [B, T, m]`` and the cost gradient
+    ``g [B, T, p]``."""
     n = x.shape[-1]
     g = cost.quadratize(x, u)[1]  # [B, T, p]
     gu = g[..., n:]
@@ -321,11 +317,107 @@ def _kkt_satisfied(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor, lowe
         lam = costate(g[..., :n], Fh[:, :, 1:, 1:n + 1])
         Fu_lam = torch.einsum("tbnm,btn->btm", Fh[:, :, 1:, n + 1:], lam[:, 1:])
         gu = gu + torch.cat([Fu_lam, torch.zeros_like(gu[:, :1])], 1)
+    return gu, g
+
+
+def _dual_tol(g: Tensor) -> Tensor:
+    """``[B]`` tolerance on the Lagrangian's gradient: ``sqrt(eps)`` relative to the largest cost
+    gradient ``g [B, T, p]``."""
+    return torch.finfo(g.dtype).eps ** 0.5 * (1.0 + g.abs().flatten(1).amax(-1))
+
+
+def _kkt_satisfied(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor, lower: Tensor,
+                   upper: Tensor) -> Tensor:
+    """``[B]``: (x, u) satisfies the KKT conditions of a box-constrained linear-quadratic problem
+    up to rounding (``_dual_tol``).
+
+    The gradient of the Lagrangian in u (``_grad_u``) must vanish on the free controls and point
+    outward at the bounds: ``>= 0`` at the lower bound, ``<= 0`` at the upper one.
+    """
+    gu, g = _grad_u(cost, Fh, x, u)
     at_lo, at_hi = u <= lower, u >= upper
     viol = torch.where(at_lo & at_hi, 0.0, torch.where(
         at_lo, (-gu).clamp_min(0), torch.where(at_hi, gu.clamp_min(0), gu.abs())))
-    thr = torch.finfo(x.dtype).eps ** 0.5 * (1.0 + g.abs().flatten(1).amax(-1))
-    return viol.flatten(1).amax(-1) <= thr
+    return viol.flatten(1).amax(-1) <= _dual_tol(g)
+
+
+def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor, lower: Tensor,
+                   upper: Tensor, max_iter: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Gains | None]:
+    """A box-constrained linear-quadratic problem by a primal-dual active-set method.
+
+    Each iteration holds the controls of the current active set at their bounds and solves the
+    remaining equality-constrained LQR exactly (one Riccati pass in fixed-set mode and one
+    rollout); the Lagrangian's gradient in u (``_grad_u``) then gives the bounds' multipliers.
+    The next active set: a held control stays held while its multiplier has the right sign
+    (within ``_dual_tol``) and is released otherwise; a free control that left the box is held
+    at the bound it crossed. A sample whose active set repeats satisfies the KKT conditions: its
+    free controls lie in the box and its multipliers have the right signs. Controls with equal
+    bounds are always held. Samples still changing after ``max_iter`` passes (each counts as an
+    iteration) are left to box-DDP.
+
+    Args:
+        u0: ``[B, T, m]`` initial controls in the box; the first active set is the controls at a
+            bound.
+
+    Returns:
+        x ``[B, T, n]``, u ``[B, T, m]`` (the last iterate, clamped to the box), converged ``[B]``,
+        the passes run ``[B]``, and, if every sample converged, the gains of each sample's last
+        pass (its final free set; the implicit backward reuses their factorization), else None.
+    """
+    B, T, m = u0.shape
+    n = x_init.shape[-1]
+    pinned = lower == upper
+    held_lo, held_hi = (u0 <= lower) | pinned, (u0 >= upper) & (u0 > lower)
+    x = u0.new_zeros(B, T, n)
+    u = u0.clone()
+    conv = torch.zeros(B, dtype=torch.bool, device=u0.device)
+    iters = torch.zeros(B, dtype=torch.long, device=u0.device)
+    act = torch.arange(B, device=u0.device)
+    K = L = free_all = Fh = None
+    for _ in range(max_iter):
+        whole = act.numel() == B  # no copies of C and F while every sample is active
+        sub = (lambda z: z) if whole else _take(act)
+        c_sub, d_sub = (cost, dyn) if whole else (cost.subset(act), dyn.subset(act))
+        lo, hi, h_lo, h_hi = sub(lower), sub(upper), sub(held_lo), sub(held_hi)
+        free = ~(h_lo | h_hi)
+        val = torch.where(h_lo, lo, torch.where(h_hi, hi, torch.zeros_like(lo)))
+        # tau = tau' + [0; val]: the held controls move into the linear terms and offsets
+        shift = torch.cat([val.new_zeros(*val.shape[:-1], n), val], -1)
+        c_eff = c_sub.c + (c_sub.C @ shift.unsqueeze(-1)).squeeze(-1)
+        d_eff = d_sub.f + (d_sub.F[..., n:] @ val[:, :-1].unsqueeze(-1)).squeeze(-1)
+        gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free)
+        xs, us = rollout_affine(gains, sub(x_init))
+        us = torch.where(free, us, val)
+        gu, g = _grad_u(c_sub, gains.Fh, xs, us)
+        tol = _dual_tol(g)[:, None, None]
+        new_lo = torch.where(free, us < lo, h_lo & (gu >= -tol)) | sub(pinned)
+        new_hi = torch.where(free, us > hi, h_hi & (gu <= tol)) & ~new_lo
+        done = ((new_lo == h_lo) & (new_hi == h_hi)).flatten(1).all(-1) & gains.ok
+        x, u = x.index_put((act,), xs), u.index_put((act,), us)
+        held_lo, held_hi = held_lo.index_put((act,), new_lo), held_hi.index_put((act,), new_hi)
+        conv = conv.index_put((act,), done)
+        if whole:
+            K, L, free_all, Fh = gains.K, gains.L, gains.free, gains.Fh
+        elif K is not None:
+            fin, own = act[done], done.nonzero().squeeze(1)
+            K = K.index_put((fin,), gains.K[own])
+            L = L.index_put((fin,), gains.L[own])
+            free_all = free_all.index_put((fin,), gains.free[own])
+        iters = iters.index_add(0, act, torch.ones_like(act))
+        act = act[~done & gains.ok]
+        if act.numel() == 0:
+            break
+    u = torch.maximum(torch.minimum(u, upper), lower)
+    if not bool(conv.all()):  # the last iterate, clamped, and its trajectory
+        rest = (~conv).nonzero().squeeze(1)
+        x = x.index_put((rest,), rollout(dyn.subset(rest), x_init[rest], u[rest]))
+        return x, u, conv, iters, None
+    gains = None
+    if K is not None and L is not None:  # L is None for T = 1 (no Fh): nothing to reuse then
+        ok = torch.ones_like(conv)
+        gains = Gains(K, torch.zeros_like(u), free_all, u.new_zeros(B, 2), ok, L, Fh)
+    return x, u, conv, iters, gains
 
 
 def ilqr(
@@ -364,16 +456,22 @@ def ilqr(
             return res
     tol = opts.tol if opts.tol is not None else (1e-7 if x_init.dtype == torch.float64 else 1e-4)
     u = u_init if lower is None else torch.maximum(torch.minimum(u_init, upper), lower)
-    x = rollout(dyn, x_init, u)
     dev = x_init.device
     flags = torch.zeros(B, dtype=torch.bool, device=dev)
-    s = _State(x, u, cost.value(x, u).sum(-1), torch.zeros(B, dtype=x.dtype, device=dev),
-               torch.full((B,), float("inf"), dtype=x.dtype, device=dev), flags, flags,
-               flags | probe_saddles)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
+    lq_gains = None
+    if dyn.linear and cost.quadratic and lower is not None and not create_graph:
+        # box-constrained LQ: active-set passes first; box-DDP only for samples they leave
+        x, u, flags, iters, lq_gains = _active_set_lq(x_init, cost, dyn, u, lower, upper,
+                                                      _lq_passes(opts.max_iter))
+    else:
+        x = rollout(dyn, x_init, u)
+    step = torch.where(flags, 0.0, float("inf")).to(x.dtype)
+    s = _State(x, u, cost.value(x, u).sum(-1), torch.zeros(B, dtype=x.dtype, device=dev), step,
+               flags, torch.zeros_like(flags), ~flags & probe_saddles)
     gains = None
     for _ in range(opts.max_iter):
-        act = (~s.conv & (s.reg <= opts.reg_max)).nonzero().squeeze(1)
+        act = (~s.conv & (s.reg <= opts.reg_max) & (iters < opts.max_iter)).nonzero().squeeze(1)
         if act.numel() == 0:
             break
         if act.numel() == B:
@@ -384,11 +482,19 @@ def ilqr(
                                    sub(lower), sub(upper), opts, tol, create_graph, exact)
             s = s.put(act, part)
         iters = iters.index_add(0, act, torch.ones_like(act))
-    # an unconstrained LQR solved in one pass over the whole batch: its factorization serves the
-    # implicit backward too (same C, F and free set)
+    # an unconstrained LQR solved in one pass over the whole batch, or a box-constrained one
+    # solved by the active-set passes: their factorization serves the implicit backward too
+    # (same C, F and free set)
     single = exact and bool(s.conv.all()) and bool((iters == 1).all())
     return IterResult(x=s.x, u=s.u, objective=s.J, converged=s.conv, iterations=iters,
-                      step_norm=s.step, gains=gains if single else None)
+                      step_norm=s.step, gains=lq_gains if lq_gains is not None else
+                      gains if single else None)
+
+
+def _lq_passes(max_iter: int) -> int:
+    """Active-set passes allowed within ``max_iter`` iterations: at most half of them past ten
+    (the rest is left to box-DDP for the samples whose active set still changes)."""
+    return min(max_iter, max(10, max_iter // 2))
 
 
 def _lqr(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u_init: Tensor) -> IterResult | None:

@@ -310,7 +310,8 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
             Gx, Gu = torch.autograd.grad(lagr, (xs, us), create_graph=True,
                                          materialize_grads=True)
         free = ~(lo_act | hi_act)
-        reuse = res.gains if (dyn.linear and cost.quadratic and lower is None) else None
+        reuse = res.gains if (dyn.linear and cost.quadratic and res.gains is not None
+                              and torch.equal(res.gains.free, free)) else None
         dx, du = _AdjointSolve.apply((H, F, free, reuse), Gx, Gu, Glam)
         x_out = x + dx
         u_out = u + du

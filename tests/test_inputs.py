@@ -252,7 +252,7 @@ def test_enum_values_are_accepted():
 # ---------------------------------------------------------------------- unconverged samples
 
 
-HALF_BOX = 0.5  # |u| <= 0.5: from zero, sample 1's first box-DDP step has the wrong active set
+HALF_BOX = 0.5  # |u| <= 0.5: from zero, sample 1's first iteration has the wrong active set
 
 
 def _half_converged(prob, unconverged: str):

@@ -405,3 +405,36 @@ def test_kkt_check_accepts_the_solution_and_rejects_other_points(make_problem, b
     shift[torch.arange(B), idx] = 1e-4
     u2 = u + shift.view(B, T, m)
     assert not _kkt_satisfied(cost, Fh, rollout(u2), u2, lower, upper).any()
+
+
+# ---------------------------------------------------------------- active-set passes, fallback
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mostly_clamped_box_is_solved_by_the_active_set_passes(make_problem, reference, seed):
+    """About two thirds of the controls at a bound (the benchmark's regime): the active-set
+    passes alone solve it (within their budget of ten), exactly as cvxpy does."""
+    prob = make_problem(8, 20, 6, 3, seed=seed)
+    b = 0.3 * float(reference(prob).u.abs().median())
+    ref = reference(prob, -b, b)
+    assert 0.5 <= float((ref.u.abs() >= b - 1e-7).double().mean()) <= 0.9
+    sol = solve(*tensors(prob), -b, b)
+    assert bool(sol.converged.all()) and int(sol.iterations.max()) <= 10
+    assert (sol.u - ref.u).abs().max() <= 1e-6
+    assert float(sol.u.abs().max()) <= b
+
+
+def test_box_ddp_finishes_what_the_active_set_passes_leave(make_problem, box_for_fraction,
+                                                           monkeypatch):
+    """With one active-set pass allowed (an unconstrained solve from u = 0), box-DDP must take
+    over: same solution as cvxpy, gradients equal to central finite differences."""
+    import diffmpc.ilqr as ilqr
+
+    prob = make_problem(3, 8, 4, 3, seed=1)
+    b, ref = box_for_fraction(prob, 0.3, 0.4)
+    monkeypatch.setattr(ilqr, "_lq_passes", lambda max_iter: 1)
+    sol = solve(*tensors(prob), -b, b)
+    assert bool(sol.converged.all()) and int(sol.iterations.min()) >= 2
+    assert (sol.u - ref.u).abs().max() <= 1e-6
+    _assert_margins(ref, b, 1e-3)
+    _fd_check(tensors(prob) + list(box_tensors(b, prob)), "implicit", _losses(prob))
