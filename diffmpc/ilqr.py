@@ -320,10 +320,10 @@ def _grad_u(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor) -> tuple[Te
     return gu, g
 
 
-def _dual_tol(g: Tensor) -> Tensor:
-    """``[B]`` tolerance on the Lagrangian's gradient: ``sqrt(eps)`` relative to the largest cost
-    gradient ``g [B, T, p]``."""
-    return torch.finfo(g.dtype).eps ** 0.5 * (1.0 + g.abs().flatten(1).amax(-1))
+def _dual_tol(g: Tensor, power: float = 0.5) -> Tensor:
+    """``[B]`` tolerance on the Lagrangian's gradient: ``eps ** power`` relative to the largest
+    cost gradient ``g [B, T, p]``."""
+    return torch.finfo(g.dtype).eps ** power * (1.0 + g.abs().flatten(1).amax(-1))
 
 
 def _kkt_satisfied(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor, lower: Tensor,
@@ -350,11 +350,13 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     remaining equality-constrained LQR exactly (one Riccati pass in fixed-set mode and one
     rollout); the Lagrangian's gradient in u (``_grad_u``) then gives the bounds' multipliers.
     The next active set: a held control stays held while its multiplier has the right sign
-    (within ``_dual_tol``) and is released otherwise; a free control that left the box is held
-    at the bound it crossed. A sample whose active set repeats satisfies the KKT conditions: its
-    free controls lie in the box and its multipliers have the right signs. Controls with equal
-    bounds are always held. Samples still changing after ``max_iter`` passes (each counts as an
-    iteration) are left to box-DDP.
+    (within ``eps ** 0.75`` relative, well below the ``sqrt(eps)`` of ``_kkt_satisfied``, so
+    that a control near a bound is not held there by a small wrong-signed multiplier) and is
+    released otherwise; a free control that left the box is held at the bound it crossed. A
+    sample whose active set repeats satisfies the KKT conditions: its free controls lie in the
+    box and its multipliers have the right signs. Controls with equal bounds are always held.
+    Samples still changing after ``max_iter`` passes (each counts as an iteration) are left to
+    box-DDP.
 
     Args:
         u0: ``[B, T, m]`` initial controls in the box; the first active set is the controls at a
@@ -390,7 +392,7 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         xs, us = rollout_affine(gains, sub(x_init))
         us = torch.where(free, us, val)
         gu, g = _grad_u(c_sub, gains.Fh, xs, us)
-        tol = _dual_tol(g)[:, None, None]
+        tol = _dual_tol(g, 0.75)[:, None, None]
         new_lo = torch.where(free, us < lo, h_lo & (gu >= -tol)) | sub(pinned)
         new_hi = torch.where(free, us > hi, h_hi & (gu <= tol)) & ~new_lo
         done = ((new_lo == h_lo) & (new_hi == h_hi)).flatten(1).all(-1) & gains.ok

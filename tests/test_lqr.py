@@ -438,3 +438,17 @@ def test_box_ddp_finishes_what_the_active_set_passes_leave(make_problem, box_for
     assert (sol.u - ref.u).abs().max() <= 1e-6
     _assert_margins(ref, b, 1e-3)
     _fd_check(tensors(prob) + list(box_tensors(b, prob)), "implicit", _losses(prob))
+
+
+def test_float32_does_not_hold_a_control_near_its_bound(make_problem, reference):
+    """Sample 6 of this problem has a free control 7.7e-5 inside its bound; held at the bound its
+    multiplier is small and wrong-signed, below float32's sqrt(eps) tolerance. The float32
+    solve must release it (the active set decides the gradient) and find cvxpy's active set."""
+    prob = make_problem(16, 10, 4, 3, seed=5)
+    b = 0.4
+    ref = reference(prob, -b, b)
+    assert 1e-5 < float(b - ref.u[6, 0, 2].abs()) < 1e-4  # the near tie
+    sol = solve(*tensors(prob.to(torch.float32)), -b, b, tol=1e-5)
+    assert bool(sol.converged.all())
+    held = sol.u.double().abs() >= b - 1e-6
+    assert torch.equal(held, ref.u.abs() >= b - 1e-7)
