@@ -1,8 +1,11 @@
-"""A tiny-budget run of the solver speed benchmark (the script runs; its table is well formed)."""
+"""Tiny-budget runs of the benchmark scripts (they run; their tables are well formed)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +34,17 @@ def test_solver_speed_quick(tmp_path, capsys):
     assert len(table) == 6 and table[2].startswith("| B | T | box |")
     assert all(line.count("|") == table[2].count("|") for line in table[2:])
     assert "B=1  T=5  box=yes" in capsys.readouterr().out  # one progress line per configuration
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_gpu_script_dry_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu.sh with DEVICE=cpu QUICK=1: every step runs and writes its table."""
+    pytest.importorskip("mpc")
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(SCRIPT.parent / "gpu.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name in ("solver.md", "nonlinear.md", "implicit.md"):
+        assert (tmp_path / name).read_text().count("\n|") >= 3, name
+    assert " passed" in (tmp_path / "test_cuda.log").read_text()
