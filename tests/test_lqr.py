@@ -452,3 +452,19 @@ def test_float32_does_not_hold_a_control_near_its_bound(make_problem, reference)
     assert bool(sol.converged.all())
     held = sol.u.double().abs() >= b - 1e-6
     assert torch.equal(held, ref.u.abs() >= b - 1e-7)
+
+
+def test_bounds_through_the_unconstrained_optimum_converge(make_problem, reference):
+    """Degenerate ties: each bound passes exactly through the unconstrained solution's controls
+    at some steps (there the control is at its bound with a zero multiplier), so the active-set
+    passes must not cycle between holding and releasing them."""
+    prob = make_problem(4, 8, 4, 2, seed=9)
+    u_free = reference(prob).u
+    upper = torch.full_like(u_free, 10.0)
+    lower = torch.full_like(u_free, -10.0)
+    tie = torch.rand(u_free.shape, generator=torch.Generator().manual_seed(3)) < 0.3
+    upper = torch.where(tie & (u_free > 0), u_free, upper)
+    lower = torch.where(tie & (u_free <= 0), u_free, lower)
+    sol = solve(*tensors(prob), lower, upper)
+    assert bool(sol.converged.all()) and int(sol.iterations.max()) <= 10
+    assert (sol.u - u_free).abs().max() <= 1e-6  # the bounds change nothing
