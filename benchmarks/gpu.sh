@@ -6,8 +6,9 @@
 # one runs.
 #
 # Usage: bash benchmarks/gpu.sh [OUTDIR]        (default gpu-results/)
-# Needs a python3 whose torch has CUDA, with pytest, numpy and scipy; mpc.pytorch (the `mpc`
-# package, installed with --no-deps or on PYTHONPATH) for the reference columns.
+# Needs a python3 (or $PYTHON) whose torch has CUDA, with pytest, numpy and scipy, and diffmpc
+# importable (pip install -e . or PYTHONPATH=.); mpc.pytorch (the `mpc` package, installed with
+# --no-deps or on PYTHONPATH) for the reference columns. No Gymnasium or pybullet needed.
 # DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh runs the same steps on tiny sizes on the CPU.
 set -u
 OUT=${1:-gpu-results}
