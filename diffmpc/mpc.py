@@ -96,6 +96,10 @@ class MPC(nn.Module):
 
     Solves, for each of B problems, ``min sum_t cost_t(x_t, u_t)`` subject to ``x_0 = x_init``,
     ``x_{t+1} = f(x_t, u_t)`` and ``u_lower <= u_t <= u_upper``, with T states and T controls.
+    A ``QuadCost`` with ``LinearDynamics`` is solved in one Riccati pass without bounds, and with
+    bounds by primal-dual active-set passes (one Riccati pass each, box-DDP for the samples
+    whose active set has not settled within ``min(max_iter, max(10, max_iter // 2))`` of them);
+    anything else by box-DDP. Tensors on a CUDA device are solved there.
 
     Args:
         n_state: n. n_ctrl: m. horizon: T (>= 1).
