@@ -181,8 +181,8 @@ class _State:
                         for f in fields(self)))
 
 
-def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph, exact):
-    """One box-DDP iteration on a sub-batch; returns the new state and the Riccati gains.
+def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph, exact) -> _State:
+    """One box-DDP iteration on a sub-batch.
 
     ``exact``: the problem is an unconstrained LQR, so the full step is the solution.
     """
@@ -260,8 +260,7 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     reg = torch.where(reg < opts.reg_init, torch.zeros_like(reg), reg)
     # Newton once a full Gauss-Newton (or Newton) step is accepted: the model is trusted there
     newton = opts.second_order & found & (first == 0)
-    return _State(x_new, u_new, J_new, reg, step, conv, newton,
-                  torch.zeros_like(conv)), gains
+    return _State(x_new, u_new, J_new, reg, step, conv, newton, torch.zeros_like(conv))
 
 
 def _leave_saddle(x_init, cost, dyn, x, u, J, idx, lower, upper, scale):
@@ -343,7 +342,7 @@ def _kkt_satisfied(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor, lowe
 
 def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor, lower: Tensor,
                    upper: Tensor, max_iter: int
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Gains | None]:
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Gains | None]:
     """A box-constrained linear-quadratic problem by a primal-dual active-set method.
 
     Each iteration holds the controls of the current active set at their bounds and solves the
@@ -364,8 +363,9 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
 
     Returns:
         x ``[B, T, n]``, u ``[B, T, m]`` (the last iterate, clamped to the box), converged ``[B]``,
-        the passes run ``[B]``, and, if every sample converged, the gains of each sample's last
-        pass (its final free set; the implicit backward reuses their factorization), else None.
+        the passes run ``[B]``, the inf-norm of each sample's last change of u ``[B]``, and, if
+        every sample converged, the gains of each sample's last pass (its final free set; the
+        implicit backward reuses their factorization), else None.
     """
     B, T, m = u0.shape
     n = x_init.shape[-1]
@@ -375,8 +375,9 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     u = u0.clone()
     conv = torch.zeros(B, dtype=torch.bool, device=u0.device)
     iters = torch.zeros(B, dtype=torch.long, device=u0.device)
+    step = u0.new_zeros(B)
     act = torch.arange(B, device=u0.device)
-    K = L = free_all = Fh = None
+    K = L = free_all = Fh = None  # set by the first pass, which always covers the whole batch
     for _ in range(max_iter):
         whole = act.numel() == B  # no copies of C and F while every sample is active
         sub = (lambda z: z) if whole else _take(act)
@@ -396,12 +397,13 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         new_lo = torch.where(free, us < lo, h_lo & (gu >= -tol)) | sub(pinned)
         new_hi = torch.where(free, us > hi, h_hi & (gu <= tol)) & ~new_lo
         done = ((new_lo == h_lo) & (new_hi == h_hi)).flatten(1).all(-1) & gains.ok
+        step = step.index_put((act,), (us - sub(u)).abs().flatten(1).amax(-1))
         x, u = x.index_put((act,), xs), u.index_put((act,), us)
         held_lo, held_hi = held_lo.index_put((act,), new_lo), held_hi.index_put((act,), new_hi)
         conv = conv.index_put((act,), done)
-        if whole:
+        if whole:  # the first pass, and later ones while every sample is active
             K, L, free_all, Fh = gains.K, gains.L, gains.free, gains.Fh
-        elif K is not None:
+        else:
             fin, own = act[done], done.nonzero().squeeze(1)
             K = K.index_put((fin,), gains.K[own])
             L = L.index_put((fin,), gains.L[own])
@@ -414,12 +416,11 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     if not bool(conv.all()):  # the last iterate, clamped, and its trajectory
         rest = (~conv).nonzero().squeeze(1)
         x = x.index_put((rest,), rollout(dyn.subset(rest), x_init[rest], u[rest]))
-        return x, u, conv, iters, None
-    gains = None
-    if K is not None and L is not None:  # L is None for T = 1 (no Fh): nothing to reuse then
-        ok = torch.ones_like(conv)
-        gains = Gains(K, torch.zeros_like(u), free_all, u.new_zeros(B, 2), ok, L, Fh)
-    return x, u, conv, iters, gains
+        return x, u, conv, iters, step, None
+    if L is None:  # T = 1: no dynamics, nothing for the backward to reuse
+        return x, u, conv, iters, step, None
+    gains = Gains(K, torch.zeros_like(u), free_all, u.new_zeros(B, 2), torch.ones_like(conv), L, Fh)
+    return x, u, conv, iters, step, gains
 
 
 def ilqr(
@@ -462,35 +463,31 @@ def ilqr(
     flags = torch.zeros(B, dtype=torch.bool, device=dev)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
     lq_gains = None
+    step = torch.full((B,), float("inf"), dtype=x_init.dtype, device=dev)
     if dyn.linear and cost.quadratic and lower is not None and not create_graph:
         # box-constrained LQ: active-set passes first; box-DDP only for samples they leave
-        x, u, flags, iters, lq_gains = _active_set_lq(x_init, cost, dyn, u, lower, upper,
-                                                      _lq_passes(opts.max_iter))
+        x, u, flags, iters, step, lq_gains = _active_set_lq(x_init, cost, dyn, u, lower, upper,
+                                                            _lq_passes(opts.max_iter))
     else:
         x = rollout(dyn, x_init, u)
-    step = torch.where(flags, 0.0, float("inf")).to(x.dtype)
     s = _State(x, u, cost.value(x, u).sum(-1), torch.zeros(B, dtype=x.dtype, device=dev), step,
                flags, torch.zeros_like(flags), ~flags & probe_saddles)
-    gains = None
     for _ in range(opts.max_iter):
         act = (~s.conv & (s.reg <= opts.reg_max) & (iters < opts.max_iter)).nonzero().squeeze(1)
         if act.numel() == 0:
             break
         if act.numel() == B:
-            s, gains = _iterate(x_init, cost, dyn, s, lower, upper, opts, tol, create_graph, exact)
+            s = _iterate(x_init, cost, dyn, s, lower, upper, opts, tol, create_graph, exact)
         else:
             sub = _take(act)
-            part, gains = _iterate(sub(x_init), cost.subset(act), dyn.subset(act), s.take(act),
-                                   sub(lower), sub(upper), opts, tol, create_graph, exact)
+            part = _iterate(sub(x_init), cost.subset(act), dyn.subset(act), s.take(act),
+                            sub(lower), sub(upper), opts, tol, create_graph, exact)
             s = s.put(act, part)
         iters = iters.index_add(0, act, torch.ones_like(act))
-    # an unconstrained LQR solved in one pass over the whole batch, or a box-constrained one
-    # solved by the active-set passes: their factorization serves the implicit backward too
-    # (same C, F and free set)
-    single = exact and bool(s.conv.all()) and bool((iters == 1).all())
+    # a box-constrained LQ problem solved by the active-set passes: their factorization serves
+    # the implicit backward too (same C, F and free set)
     return IterResult(x=s.x, u=s.u, objective=s.J, converged=s.conv, iterations=iters,
-                      step_norm=s.step, gains=lq_gains if lq_gains is not None else
-                      gains if single else None)
+                      step_norm=s.step, gains=lq_gains)
 
 
 def _lq_passes(max_iter: int) -> int:
