@@ -6,8 +6,16 @@ u_0..u_{T-1}), n state size, m control size, p = n + m, tau_t = [x_t; u_t].
 A dynamics model is any differentiable callable ``dynamics(x [N, n], u [N, m]) -> [N, n]`` whose
 rows are independent (sample i of the output depends only on row i of x and u). An
 ``nn.Module`` with parameters is the usual case; the solver differentiates it with autograd.
-A model may also define ``jacobian(x [N, n], u [N, m]) -> [N, n, p]`` to supply its Jacobian
-analytically; the solver then uses it in the forward iterations.
+A model may also supply derivatives in closed form, which the solver then uses instead of
+autograd (both may return None to leave a case to autograd):
+
+- ``jacobian(x [N, n], u [N, m]) -> [N, n, p]``, the Jacobian of the step in ``[x, u]``;
+- ``curvature(x [N, n], u [N, m], lam [N, n]) -> [N, p, p]``, ``sum_i lam_i Hess f_i``, the
+  dynamics' second-order term of Newton steps and of the exact implicit gradient.
+
+Both must be differentiable in the model's parameters where unrolled gradients are wanted
+(``backward="unroll"``). ``diffmpc.systems.Pendulum`` and ``Cartpole`` supply both for their
+Euler steps.
 """
 
 from __future__ import annotations

@@ -166,9 +166,8 @@ class TrajDynamics:
             return x.new_zeros(*lead, n, n + self.m)
         z = torch.cat([x, u], -1).reshape(-1, n + self.m)
         jac = getattr(self.raw, "jacobian", None)
-        if jac is not None:
-            J = jac(z[:, :n], z[:, n:])
-        else:
+        J = None if jac is None else jac(z[:, :n], z[:, n:])
+        if J is None:
             _, J = batch_jacobian(lambda zz: self.raw(zz[:, :n], zz[:, n:]), z, n, create_graph)
         return J.reshape(*lead, n, n + self.m)
 
@@ -182,6 +181,10 @@ class TrajDynamics:
             return x.new_zeros(*lead, n + self.m, n + self.m)
         z = torch.cat([x, u], -1).reshape(-1, n + self.m)
         lam = lam.reshape(-1, n)
+        closed = getattr(self.raw, "curvature", None)
+        H = None if closed is None else closed(z[:, :n], z[:, n:], lam)
+        if H is not None:
+            return H.reshape(*lead, n + self.m, n + self.m)
 
         def weighted(zz: Tensor) -> Tensor:
             r = zz.shape[0] // lam.shape[0]

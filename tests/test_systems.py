@@ -181,6 +181,109 @@ def test_batch_equals_one_by_one(cls, method):
     assert not torch.equal(batched[0], batched[1])
 
 
+# --------------------------------------------- closed-form derivatives (Pendulum, Cartpole)
+
+CLOSED_FORM = {Pendulum: dict(g=9.0, m=1.3, l=0.7), Cartpole: dict(g=9.5, m_cart=1.4, m_pole=0.3, l=0.6)}
+
+
+def _off_circle_xu(sys, B: int, seed: int):
+    """Random states with (cos th, sin th) scaled off the unit circle (the solver's iterates
+    leave it), float64."""
+    x, u = random_xu(sys, B=B, seed=seed, dtype=torch.float64)
+    ic = 0 if isinstance(sys, Pendulum) else 2
+    scale = torch.linspace(0.6, 1.5, B, dtype=torch.float64)
+    x[:, ic:ic + 2] *= scale[:, None]
+    return x, u
+
+
+def _step_and_weighted(sys, n: int, lam_i: torch.Tensor):
+    """One sample's step ``z [p] -> [n]`` and ``z -> lam_i' step(z)``."""
+
+    def step(z):
+        return sys(z[None, :n], z[None, n:])[0]
+
+    return step, lambda z: (step(z) * lam_i).sum()
+
+
+@pytest.mark.parametrize("cls", [Pendulum, Cartpole])
+def test_closed_form_jacobian_and_curvature_equal_autograd(cls):
+    """jacobian and curvature of the Euler step against torch.autograd.functional, per sample,
+    at non-default parameters and states off the unit circle."""
+    sys = cls(dtype=torch.float64, **CLOSED_FORM[cls])
+    n = sys.n_state
+    x, u = _off_circle_xu(sys, B=12, seed=11)
+    lam = torch.randn(12, n, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    J, H = sys.jacobian(x, u), sys.curvature(x, u, lam)
+    assert J.shape == (12, n, n + 1) and H.shape == (12, n + 1, n + 1)
+    for i in range(12):
+        z = torch.cat([x[i], u[i]])
+        step, weighted = _step_and_weighted(sys, n, lam[i])
+        J_ref = torch.autograd.functional.jacobian(step, z)
+        H_ref = torch.autograd.functional.hessian(weighted, z)
+        torch.testing.assert_close(J[i], J_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(H[i], H_ref, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("cls", [Pendulum, Cartpole])
+def test_closed_form_derivatives_are_differentiable(cls):
+    """Unrolled gradients go through jacobian and curvature: their derivatives in the
+    parameters, the state and the control equal those of autograd's Jacobian and Hessian."""
+    sys = cls(dtype=torch.float64, **CLOSED_FORM[cls])
+    n = sys.n_state
+    x, u = (t.requires_grad_() for t in _off_circle_xu(sys, B=5, seed=13))
+    gen = torch.Generator().manual_seed(14)
+    lam = torch.randn(5, n, generator=gen, dtype=torch.float64)
+    WJ = torch.randn(5, n, n + 1, generator=gen, dtype=torch.float64)
+    WH = torch.randn(5, n + 1, n + 1, generator=gen, dtype=torch.float64)
+    params = list(sys.parameters()) + [x, u]
+    closed = (sys.jacobian(x, u) * WJ).sum() + (sys.curvature(x, u, lam) * WH).sum()
+    got = torch.autograd.grad(closed, params)
+    ref = 0.0
+    for i in range(5):
+        z = torch.cat([x[i], u[i]])
+        step, weighted = _step_and_weighted(sys, n, lam[i])
+        J = torch.autograd.functional.jacobian(step, z, create_graph=True)
+        H = torch.autograd.functional.hessian(weighted, z, create_graph=True)
+        ref = ref + (J * WJ[i]).sum() + (H * WH[i]).sum()
+    want = torch.autograd.grad(ref, params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+        assert w.abs().amax() > 0
+
+
+class _AutogradOnly(torch.nn.Module):
+    """The same model without closed-form derivatives: the solver falls back to autograd."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, u):
+        return self.model(x, u)
+
+
+@pytest.mark.parametrize("cls", [Pendulum, Cartpole])
+def test_solver_with_closed_forms_equals_autograd_path(cls):
+    """MPC solutions and exact implicit gradients are the same whether the solver uses the
+    closed forms or differentiates the model itself; RK4 models return None (autograd)."""
+    import diffmpc as dm
+
+    sys = cls(dtype=torch.float64)
+    assert cls(method="rk4").jacobian(*random_xu(sys, B=2)) is None
+    x0, _ = random_xu(sys, B=6, seed=15, dtype=torch.float64)
+    T = 12
+    W = torch.randn(6, T, 1, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    out = []
+    for model in (sys, _AutogradOnly(sys)):
+        mpc = dm.MPC(sys.n_state, 1, T, sys.u_lower, sys.u_upper, tol=1e-10, unconverged="raise")
+        sol = mpc(x0, sys.default_cost(), model)
+        grads = torch.autograd.grad((sol.u * W).sum(), list(sys.parameters()))
+        out.append((sol.u.detach(), sol.iterations, grads))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-10)
+    for g, w in zip(out[0][2], out[1][2], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("cls", SYSTEMS)
 def test_inputs_not_modified_and_vmap_works(cls):
     sys = cls()

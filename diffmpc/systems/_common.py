@@ -72,3 +72,28 @@ def explicit_step(xdot, q: Tensor, u: Tensor, dt: float, method: str) -> Tensor:
     """One explicit Euler or RK4 step of ``qdot = xdot(q, u)`` (control held constant)."""
     step = euler_step if method == "euler" else rk4_step
     return step(xdot, q, u, dt)
+
+
+def angle_derivatives(c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Derivatives of ``atan2(s, c)`` in ``(c, s)`` ``[N]``: the gradient ``(d_c, d_s)`` and the
+    Hessian's entries ``(h_cc, h_cs, h_ss)``."""
+    inv_r2 = (c * c + s * s).reciprocal()
+    d_c, d_s = -s * inv_r2, c * inv_r2
+    inv_r4 = inv_r2 * inv_r2
+    return d_c, d_s, 2 * c * s * inv_r4, (s * s - c * c) * inv_r4, -2 * c * s * inv_r4
+
+
+def angle_output_curvature(cos_n: Tensor, sin_n: Tensor, lam_c: Tensor, lam_s: Tensor,
+                           phi: Tensor, h_cc: Tensor, h_cs: Tensor, h_ss: Tensor,
+                           ic: int, is_: int) -> Tensor:
+    """``lam_c Hess(cos th') + lam_s Hess(sin th')`` ``[N, k, k]`` for an angle ``th'`` with gradient
+    ``phi [N, k]`` and Hessian ``[[h_cc, h_cs], [h_cs, h_ss]]`` in the coordinates ``ic, is_`` (zero
+    elsewhere); ``cos_n``, ``sin_n``: ``cos th'``, ``sin th'`` ``[N]``."""
+    a = -(lam_c * cos_n + lam_s * sin_n)  # factor of phi phi'
+    b = lam_s * cos_n - lam_c * sin_n  # factor of Hess(th')
+    H = (a[:, None, None] * phi[:, :, None]) * phi[:, None, :]
+    H[:, ic, ic] += b * h_cc
+    H[:, ic, is_] += b * h_cs
+    H[:, is_, ic] += b * h_cs
+    H[:, is_, is_] += b * h_ss
+    return H

@@ -6,7 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from diffmpc.cost import GoalCost
-from diffmpc.systems._common import check_xu, explicit_step, init_step_and_bounds, log_param
+from diffmpc.systems._common import (
+    angle_derivatives,
+    angle_output_curvature,
+    check_xu,
+    explicit_step,
+    init_step_and_bounds,
+    log_param,
+)
 
 __all__ = ["Cartpole"]
 
@@ -119,6 +126,84 @@ class Cartpole(nn.Module):
         q = torch.stack([p, v, torch.atan2(s, c), w], -1)
         p, v, th, w = explicit_step(qdot, q, u, self.dt, "rk4").unbind(-1)
         return torch.stack([p, v, torch.cos(th), torch.sin(th), w], -1)
+
+    def _euler_expansion(self, x: Tensor, u: Tensor):
+        """First and second derivatives of the Euler step's accelerations and angle in the
+        coordinates ``r = [cos th, sin th, thdot, force]`` (the cart's position and velocity do
+        not enter them). With ``a = (u + m_pole l thdot^2 sin th) / M``, ``thddot = N / D``
+        (``N = g sin th - cos th a``, ``D = l (4/3 - k cos^2 th)``, ``k = m_pole / M``) and
+        ``pddot = a - mu thddot cos th`` (``mu = m_pole l / M``).
+
+        Returns a dict of ``[N]`` and ``[N, 4]`` tensors (see the code for the names).
+        """
+        _, _, c, s, w = x.unbind(-1)
+        F = u[..., 0]
+        dt = self.dt
+        mp, l = self.m_pole, self.l
+        inv_M = (self.m_cart + mp).reciprocal()
+        mu, k = mp * l * inv_M, mp * inv_M
+        a = inv_M * F + mu * s * w * w
+        D = l * (4.0 / 3.0 - k * c * c)
+        q = (self.g * s - c * a) / D  # thddot
+        zero, one = torch.zeros_like(c), torch.ones_like(c)
+        e_c = torch.stack([one, zero, zero, zero], -1)
+        ga = torch.stack([zero, mu * w * w, 2 * mu * s * w, inv_M * one], -1)
+        gN = torch.stack([-a, self.g * one, zero, zero], -1) - c[:, None] * ga
+        d = -2 * l * k * c  # gradient of D: d e_c
+        gq = (gN - (q * d)[:, None] * e_c) / D[:, None]
+        gp = ga - mu * (c[:, None] * gq + q[:, None] * e_c)  # gradient of pddot
+        th_n = torch.atan2(s, c) + dt * w
+        d_c, d_s, h_cc, h_cs, h_ss = angle_derivatives(c, s)
+        phi = torch.stack([d_c, d_s, dt * one, zero], -1)
+        return dict(c=c, s=s, w=w, mu=mu, k=k, l=l, D=D, q=q, d=d, e_c=e_c, ga=ga, gq=gq,
+                    gp=gp, cos_n=torch.cos(th_n), sin_n=torch.sin(th_n), phi=phi,
+                    h=(h_cc, h_cs, h_ss))
+
+    def jacobian(self, x: Tensor, u: Tensor) -> Tensor | None:
+        """Closed-form Jacobian ``[N, 5, 6]`` of the Euler step in ``[x, u]`` (x ``[N, 5]``, u
+        ``[N, 1]``); None for RK4 (the solver then differentiates ``forward`` by autograd).
+        Differentiable in the parameters."""
+        if self.method != "euler":
+            return None
+        check_xu("Cartpole", x, u, self.n_state, self.n_ctrl)
+        e = self._euler_expansion(x, u)
+        dt, phi = self.dt, e["phi"]
+        e_w = torch.zeros_like(phi)
+        e_w[:, 2] = 1.0
+        rows = torch.stack([dt * e["gp"], -e["sin_n"][:, None] * phi, e["cos_n"][:, None] * phi,
+                            dt * e["gq"] + e_w], 1)  # v', cos th', sin th', thdot' in r
+        J = x.new_zeros(x.shape[0], 5, 6)
+        J[:, 0, 0], J[:, 0, 1], J[:, 1, 1] = 1.0, dt, 1.0  # p' = p + dt v, v' = v + dt pddot
+        J[:, 1:, 2:] = rows
+        return J
+
+    def curvature(self, x: Tensor, u: Tensor, lam: Tensor) -> Tensor | None:
+        """Closed-form ``sum_i lam_i Hess f_i`` ``[N, 6, 6]`` of the Euler step ``f`` in ``[x, u]``,
+        weighted by ``lam [N, 5]``; None for RK4 (autograd then).
+
+        Only ``pddot`` (through v'), ``thddot`` (through thdot') and the angle (through cos th',
+        sin th') are nonlinear; with ``Hess pddot = Hess a - mu (c Hess thddot + e_c gq' +
+        gq e_c')`` and the quotient rule for ``thddot = N / D`` the weighted sum collapses to
+        ``(dt lam_v - beta c) Hess a - e_c h' - h e_c' + 2 l k q beta e_c e_c'`` plus the angle's
+        part, with ``beta = dt (lam_w - mu c lam_v) / D`` and
+        ``h = beta (ga + d gq) + dt mu lam_v gq``.
+        """
+        if self.method != "euler":
+            return None
+        check_xu("Cartpole", x, u, self.n_state, self.n_ctrl)
+        e = self._euler_expansion(x, u)
+        dt, c, e_c, gq = self.dt, e["c"], e["e_c"], e["gq"]
+        lam_v, lam_c, lam_s, lam_w = lam[:, 1], lam[:, 2], lam[:, 3], lam[:, 4]
+        beta = dt * (lam_w - e["mu"] * c * lam_v) / e["D"]
+        h = beta[:, None] * (e["ga"] + e["d"][:, None] * gq) + (dt * e["mu"] * lam_v)[:, None] * gq
+        H = angle_output_curvature(e["cos_n"], e["sin_n"], lam_c, lam_s, e["phi"], *e["h"], 0, 1)
+        H = H - e_c[:, :, None] * h[:, None, :] - h[:, :, None] * e_c[:, None, :]
+        H[:, 0, 0] += 2 * e["l"] * e["k"] * e["q"] * beta
+        ha = (dt * lam_v - beta * c) * 2 * e["mu"]  # Hess a: [s, w] = 2 mu w, [w, w] = 2 mu s
+        H[:, 1, 2] += ha * e["w"]
+        H[:, 2, 1] += ha * e["w"]
+        H[:, 2, 2] += ha * e["s"]
+        return torch.nn.functional.pad(H, (2, 0, 2, 0))
 
     def default_cost(self, **kwargs) -> GoalCost:
         """CartpoleDx's cost: goal ``[0, 0, 1, 0, 0]``, weights ``[0.1, 0.1, 1, 1, 0.1]``,

@@ -6,7 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from diffmpc.cost import GoalCost
-from diffmpc.systems._common import check_xu, explicit_step, init_step_and_bounds, log_param
+from diffmpc.systems._common import (
+    angle_derivatives,
+    angle_output_curvature,
+    check_xu,
+    explicit_step,
+    init_step_and_bounds,
+    log_param,
+)
 
 __all__ = ["Pendulum"]
 
@@ -93,6 +100,41 @@ class Pendulum(nn.Module):
             q = explicit_step(self._qdot, torch.stack([th, w], -1), u, self.dt, "rk4")
             th_next, w_next = q.unbind(-1)
         return torch.stack([torch.cos(th_next), torch.sin(th_next), w_next], -1)
+
+    def _euler_expansion(self, x: Tensor, u: Tensor):
+        """Pieces of the Euler step's derivatives in ``z = [cos th, sin th, thdot, u]``:
+        ``cos th'``, ``sin th'`` ``[N]``, the gradients of ``th'`` and ``thdot'`` ``[N, 4]``, and
+        the Hessian entries of ``atan2`` (``angle_derivatives``)."""
+        c, s, w = x.unbind(-1)
+        dt = self.dt
+        alpha = 1.5 * self.g / self.l  # thddot = alpha sin th + beta u
+        beta = 3.0 / (self.m * self.l**2)
+        w_n = w + dt * (alpha * s + beta * u[..., 0])
+        th_n = torch.atan2(s, c) + dt * w_n
+        d_c, d_s, h_cc, h_cs, h_ss = angle_derivatives(c, s)
+        zero, one = torch.zeros_like(c), torch.ones_like(c)
+        grad_w = torch.stack([zero, dt * alpha * one, one, dt * beta * one], -1)
+        phi = torch.stack([d_c, d_s, zero, zero], -1) + dt * grad_w  # th' = th + dt thdot'
+        return torch.cos(th_n), torch.sin(th_n), phi, grad_w, (h_cc, h_cs, h_ss)
+
+    def jacobian(self, x: Tensor, u: Tensor) -> Tensor | None:
+        """Closed-form Jacobian ``[N, 3, 4]`` of the Euler step in ``[x, u]`` (x ``[N, 3]``, u
+        ``[N, 1]``); None for RK4 (the solver then differentiates ``forward`` by autograd).
+        Differentiable in the parameters."""
+        if self.method != "euler":
+            return None
+        check_xu("Pendulum", x, u, self.n_state, self.n_ctrl)
+        cos_n, sin_n, phi, grad_w, _ = self._euler_expansion(x, u)
+        return torch.stack([-sin_n[:, None] * phi, cos_n[:, None] * phi, grad_w], 1)
+
+    def curvature(self, x: Tensor, u: Tensor, lam: Tensor) -> Tensor | None:
+        """Closed-form ``sum_i lam_i Hess f_i`` ``[N, 4, 4]`` of the Euler step ``f`` in ``[x, u]``,
+        weighted by ``lam [N, 3]``; None for RK4 (autograd then)."""
+        if self.method != "euler":
+            return None
+        check_xu("Pendulum", x, u, self.n_state, self.n_ctrl)
+        cos_n, sin_n, phi, _, h = self._euler_expansion(x, u)
+        return angle_output_curvature(cos_n, sin_n, lam[:, 0], lam[:, 1], phi, *h, 0, 1)
 
     def default_cost(self, **kwargs) -> GoalCost:
         """PendulumDx's cost: goal ``[1, 0, 0]``, weights ``[1, 1, 0.1]``, control 0.001.
