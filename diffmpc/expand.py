@@ -149,6 +149,14 @@ class TrajDynamics:
             return nxt.reshape(*extra, *nxt.shape[1:]) + self.f[:, t]
         return _rows(self.raw, x, u)
 
+    def step_rows(self, t: int, x: Tensor, u: Tensor, reps: int) -> Tensor:
+        """x ``[reps * B, n]``, u ``[reps * B, m]`` (``reps`` copies of the batch, stacked) at
+        time t -> ``[reps * B, n]``: a row-wise model is called on them as they are."""
+        if self.linear:
+            nxt = self.step(t, x.view(reps, self.B, self.n), u.view(reps, self.B, self.m))
+            return nxt.reshape(reps * self.B, self.n)
+        return self.raw(x, u)
+
     def all(self, x: Tensor, u: Tensor) -> Tensor:
         """Next states for every step: x ``[B, T-1, n]``, u ``[B, T-1, m]`` -> ``[B, T-1, n]``."""
         if x.shape[-2] == 0:  # T = 1: no transition

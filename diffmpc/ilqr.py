@@ -83,21 +83,33 @@ def rollout(dyn: TrajDynamics, x_init: Tensor, u: Tensor) -> Tensor:
 
 
 def _closed_loop(dyn, x_init, x, u, gains: Gains, alphas, lower, upper):
-    """Rollouts for every step size: ``[A, B, T, n]``, ``[A, B, T, m]``."""
+    """Rollouts for every step size: ``[A, B, T, n]``, ``[A, B, T, m]``.
+
+    ``u_t = u_t^0 + alpha k_t + K_t (x_t - x_t^0)``, clamped to the box. The A step sizes run as
+    one batch of ``A * B`` rows, and what does not depend on the new states is formed for all
+    steps at once: each step costs a few operations besides the model's (at small batches every
+    operation costs its dispatch, and this loop runs T steps per line search).
+    """
     A = alphas.shape[0]
-    xt = x_init.expand(A, *x_init.shape)
+    B, T, m = u.shape
+    n = x.shape[-1]
+    offs = (u + alphas[:, None, None, None] * gains.k).unbind(2)  # u_t^0 + alpha k_t [A, B, m]
+    x0s, Ks = x.unbind(1), gains.K.unbind(1)
+    los = his = None
+    if lower is not None:
+        los, his = lower.unbind(1), upper.unbind(1)
+    xt = x_init if A == 1 else x_init.repeat(A, 1)  # [A * B, n]
     xs, us = [], []
-    a = alphas[:, None, None]
-    for t in range(u.shape[1]):
-        dx = (xt - x[:, t]).unsqueeze(-1)
-        ut = torch.addcmul(u[:, t], a, gains.k[:, t]) + (gains.K[:, t] @ dx).squeeze(-1)
-        if lower is not None:
-            ut = torch.clamp(ut, lower[:, t], upper[:, t])
+    for t in range(T):
+        dx = xt.view(A, B, 1, n) - x0s[t].unsqueeze(1)
+        ut = (Ks[t] * dx).sum(-1) + offs[t]
+        if los is not None:
+            ut = torch.clamp(ut, los[t], his[t])
         xs.append(xt)
         us.append(ut)
-        if t < u.shape[1] - 1:
-            xt = dyn.step(t, xt, ut)
-    return torch.stack(xs, 2), torch.stack(us, 2)
+        if t < T - 1:
+            xt = dyn.step_rows(t, xt, ut.view(A * B, m), A)
+    return torch.stack(xs, 1).view(A, B, T, n), torch.stack(us, 2)
 
 
 def _pick(J0, Jc, floor, near):
@@ -125,6 +137,9 @@ def _search(x_init, cost, dyn, x, u, J, gains, lower, upper, alphas, floor, near
     first, found = _pick(J.detach(), Jc.detach(), floor, near)
     ar = torch.arange(x.shape[0], device=x.device)
     return Xc[first, ar], Uc[first, ar], Jc[first, ar], first, found
+
+
+_LADDER_ROWS = 64  # line searches of at most this many rollouts try every step size at once
 
 
 def _take_gains(g: Gains, idx: Tensor) -> Gains:
@@ -201,10 +216,13 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     floor = 100 * torch.finfo(x.dtype).eps * (1.0 + J.detach().abs())
     small_step = newton_step <= tol * scale  # the model's minimizer is here already
     at_floor = expected <= floor  # the predicted decrease is at the rounding floor
+    # the full step first and the rest of the ladder for the samples where it failed; on small
+    # batches, where a rollout costs its operations' dispatch whatever its rows, all at once
+    at_once = n_alpha * x.shape[0] <= _LADDER_ROWS
     Xa, Ua, Ja, first, found = _search(x_init, cost, dyn, x, u, J, gains, lower, upper,
-                                       alphas[:1], floor, at_floor)
+                                       alphas if at_once else alphas[:1], floor, at_floor)
     retry = (~found & gains.ok).nonzero().squeeze(1)
-    if n_alpha > 1 and retry.numel() > 0:  # the rest of the ladder, for those the full step failed
+    if n_alpha > 1 and not at_once and retry.numel() > 0:
         sub = _take(retry)
         part = _search(sub(x_init), cost.subset(retry), dyn.subset(retry), sub(x), sub(u), sub(J),
                        _take_gains(gains, retry), sub(lower), sub(upper), alphas[1:], sub(floor),
