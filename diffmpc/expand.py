@@ -10,6 +10,7 @@ time steps or samples).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -65,9 +66,20 @@ def matvec(A: Tensor, x: Tensor, sym: bool = False, trans: bool = False) -> Tens
 
 
 def _replicate(z: Tensor, r: int) -> Tensor:
-    """``z [N, p]`` -> ``[r * N, p]`` requiring grad (keeps z's graph if it has one)."""
+    """``z [N, p]`` -> ``[r * N, p]`` requiring grad (keeps z's graph if it has one); an
+    inference tensor (the solver's iterations run in inference mode) is copied out of it."""
     zr = z.unsqueeze(0).expand(r, *z.shape).reshape(r * z.shape[0], z.shape[1])
-    return zr if zr.requires_grad else zr.detach().requires_grad_(True)
+    if zr.requires_grad:
+        return zr
+    return (zr.clone() if zr.is_inference() else zr.detach()).requires_grad_(True)
+
+
+@contextmanager
+def _autograd():
+    """Autograd on, also inside the solver's inference mode (whose tensors may be read, and
+    copied, but not saved for backward)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def batch_jacobian(fn: Callable[[Tensor], Tensor], z: Tensor, q: int, create_graph: bool = False):
@@ -77,7 +89,7 @@ def batch_jacobian(fn: Callable[[Tensor], Tensor], z: Tensor, q: int, create_gra
         value ``[N, q]`` and J ``[N, q, p]``.
     """
     N, p = z.shape
-    with torch.enable_grad():
+    with _autograd():
         zr = _replicate(z, q)
         y = fn(zr).reshape(q, N, q)
         s = y.diagonal(dim1=0, dim2=2).sum()  # sum_i y[i, :, i]
@@ -92,7 +104,7 @@ def batch_hessian(fn: Callable[[Tensor], Tensor], z: Tensor, create_graph: bool 
         value ``[N]``, gradient ``[N, p]``, Hessian ``[N, p, p]``.
     """
     N, p = z.shape
-    with torch.enable_grad():
+    with _autograd():
         zr = _replicate(z, p)
         val = fn(zr)
         (g,) = torch.autograd.grad(val.sum(), zr, create_graph=True, materialize_grads=True)

@@ -82,3 +82,25 @@ def test_a_model_may_supply_its_jacobian():
     assert _PendulumWithJacobian.calls > 0
     torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-9)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-6, atol=1e-9)
+
+
+def test_nonlinear_solution_tensors_are_ordinary_outside_inference_mode():
+    """The nonlinear iterations run in inference mode; what the layer returns must still work
+    with autograd and in-place updates, with and without gradients into the solve."""
+    model = Pendulum(dtype=torch.float64)
+    th = torch.tensor([2.5, -0.7], dtype=torch.float64)
+    x0 = torch.stack([th.cos(), th.sin(), torch.zeros_like(th)], -1)
+    mpc = dm.MPC(3, 1, 8, u_lower=model.u_lower, u_upper=model.u_upper)
+    with torch.no_grad():
+        sol = mpc(x0, model.default_cost(), model)
+    fields = (sol.x, sol.u, sol.objective, sol.converged, sol.iterations, sol.step_norm)
+    assert not any(t.is_inference() for t in fields)
+    w = torch.ones(2, 8, 1, dtype=torch.float64, requires_grad=True)
+    (sol.u * w).square().sum().backward()  # sol.u saved for backward
+    torch.testing.assert_close(w.grad, 2 * sol.u.square() * w.detach())
+    sol.u.add_(1.0)  # in-place outside inference mode
+    sol = mpc(x0, model.default_cost(), model)  # with gradients into the model
+    assert not sol.u.is_inference() and sol.u.requires_grad
+    with torch.inference_mode():  # the caller's own inference mode
+        inner = mpc(x0, model.default_cost(), model)
+    torch.testing.assert_close(inner.u, sol.u.detach())
