@@ -139,7 +139,7 @@ def _search(x_init, cost, dyn, x, u, J, gains, lower, upper, alphas, floor, near
     return Xc[first, ar], Uc[first, ar], Jc[first, ar], first, found
 
 
-_LADDER_ROWS = 64  # line searches of at most this many rollouts try every step size at once
+_LADDER_ROWS = 256  # line searches of at most this many rollouts try every step size at once
 
 
 def _take_gains(g: Gains, idx: Tensor) -> Gains:
