@@ -6,7 +6,8 @@ physics), their default quadratic costs and control bounds, random swing-up star
 uniform in [-pi, pi]), zero initial controls, float64. mpc.pytorch runs with the settings of
 its examples: ``lqr_iter=50``, ``GradMethods.AUTO_DIFF``, the env's ``mpc_eps``,
 ``linesearch_decay`` and ``max_linesearch_iter``, ``exit_unconverged=False``. diffmpc runs with
-its default options (``--option KEY=VALUE`` changes them).
+its default options (``--option KEY=VALUE`` changes them) and the models' closed-form Jacobian
+and curvature (``--autograd``: derivatives by autograd, as for a learned model).
 
 For every (system, T, B) it times the forward solve, and the forward solve plus the backward
 pass of ``sum(u * W)`` into the cost tensors C, c, the dynamics' parameters and x_init (median
@@ -27,6 +28,7 @@ Usage:
     python benchmarks/nonlinear_speed.py --quick            # a small subset
     python benchmarks/nonlinear_speed.py --systems cartpole --sizes 256x50 --out table.md
     python benchmarks/nonlinear_speed.py --device cuda --sizes 1x20,256x20,256x50
+    python benchmarks/nonlinear_speed.py --autograd --sizes 1x20,256x20
 """
 
 from __future__ import annotations
@@ -113,13 +115,26 @@ class Run:
     iterations: torch.Tensor
 
 
-def run_diffmpc(prob: Problem, T: int, options: dict) -> Run:
+class AutogradOnly(torch.nn.Module):
+    """A model without closed-form derivatives: the solver forms them with autograd, as for
+    any learned model (``--autograd``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.model(x, u)
+
+
+def run_diffmpc(prob: Problem, T: int, options: dict, autograd: bool = False) -> Run:
     system = make_system(prob.name, prob.device)
     n = system.n_state
     mpc = dm.MPC(n, 1, T, system.u_lower, system.u_upper, unconverged="keep", **options)
     x_init, q, c = (t.clone().requires_grad_(True) for t in (prob.x_init, prob.q, prob.c))
+    dynamics = AutogradOnly(system) if autograd else system
     t0 = _report.clock(prob.device)
-    sol = mpc(x_init, dm.QuadCost(torch.diag(q), c), system)
+    sol = mpc(x_init, dm.QuadCost(torch.diag(q), c), dynamics)
     t1 = _report.clock(prob.device)
     (sol.u * prob.W).sum().backward()
     t2 = _report.clock(prob.device)
@@ -205,9 +220,9 @@ _WARM: set = set()  # non-empty once mpc.pytorch has run on the GPU in this proc
 def bench_config(name: str, B: int, T: int, args) -> dict:
     prob = make_problem(name, B, T, seed=args.seed, device=args.device)
     row = {"system": name, "B": B, "T": T}
-    run_diffmpc(prob, T, args.options)  # warm-up
-    row["d_fwd"], row["d_fb"], d = _timed(lambda: run_diffmpc(prob, T, args.options),
-                                          args.reps, 1e9)
+    run_diffmpc(prob, T, args.options, args.autograd)  # warm-up
+    row["d_fwd"], row["d_fb"], d = _timed(
+        lambda: run_diffmpc(prob, T, args.options, args.autograd), args.reps, 1e9)
     J_d = objective(prob, d.u)
     row.update(d_iter=float(d.iterations.double().mean()), d_iter_max=int(d.iterations.max()),
                d_conv=float(d.converged.double().mean()), d_obj=float(J_d.mean()))
@@ -295,6 +310,9 @@ def parse_args(argv=None):
                     help="seconds per configuration for mpc.pytorch; fewer repetitions past it")
     ap.add_argument("--option", type=_option, action="append", default=[],
                     help="a diffmpc solver option KEY=VALUE (repeatable), e.g. max_iter=100")
+    ap.add_argument("--autograd", action="store_true",
+                    help="diffmpc differentiates the model with autograd instead of using its "
+                         "closed-form Jacobian and curvature (as for a learned model)")
     ap.add_argument("--no-reference", action="store_true", help="time diffmpc only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the markdown table to this file")
@@ -317,6 +335,8 @@ def main(argv=None) -> list[dict]:
     if not args.no_reference:
         _patch_mpc_pytorch()
     opts = ", ".join(f"{k}={v}" for k, v in args.options.items()) or "defaults"
+    if args.autograd:
+        opts += "; model derivatives by autograd"
     print(f"nonlinear_speed: float64, {_report.device_name(args.device)}, reps={args.reps}, "
           f"diffmpc options: {opts}", flush=True)
     rows = []

@@ -500,6 +500,15 @@ def test_nonlinear_speed_script_tiny(tmp_path, capsys):
     assert "system=pendulum  T=5  B=1" in capsys.readouterr().out
 
 
+def test_nonlinear_speed_script_autograd_flag_solves_the_same():
+    """``--autograd`` times the same solves with the model's derivatives formed by autograd."""
+    script = _load_script("nonlinear_speed")
+    args = ["--systems", "cartpole", "--sizes", "3x6", "--reps", "1", "--no-reference"]
+    closed, auto = script.main(args)[0], script.main(args + ["--autograd"])[0]
+    assert closed["d_iter"] == auto["d_iter"] and closed["d_conv"] == auto["d_conv"] == 1.0
+    assert abs(closed["d_obj"] - auto["d_obj"]) <= 1e-9 * abs(closed["d_obj"])
+
+
 def test_implicit_vs_unroll_script_tiny(tmp_path):
     out = tmp_path / "table.md"
     rows = _load_script("implicit_vs_unroll").main(
