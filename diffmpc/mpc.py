@@ -1,9 +1,8 @@
 """MPC: the layer users call, and its implicit backward pass.
 
-Forward: ``ilqr.ilqr`` solves the batch without building a graph (nonlinear problems in inference
-mode, ``_solve``). Backward (default): implicit
-differentiation of the KKT conditions at the solution with the active controls held at their
-bounds. With ``z = (tau, lam)`` and the Lagrangian
+Forward: ``ilqr.ilqr`` solves the batch without building a graph (in inference mode, ``_solve``).
+Backward (default): implicit differentiation of the KKT conditions at the solution with the
+active controls held at their bounds. With ``z = (tau, lam)`` and the Lagrangian
 
     L(z; theta) = sum_t cost_t(tau_t) + lam_0'(x_init - x_0) + sum_t lam_{t+1}'(f(tau_t) - x_{t+1}),
 
@@ -229,22 +228,25 @@ class MPC(nn.Module):
 
 
 def _solve(x_init, cost: TrajCost, dyn: TrajDynamics, *args, **kwargs) -> IterResult:
-    """``ilqr`` without a graph. The nonlinear iterations run in inference mode, which saves
-    bookkeeping on each of their many small operations (15-25 % of a cartpole solve at B = 1
-    or 256); their results come out as ordinary tensors, which autograd may save. A
-    linear-quadratic solve runs under no_grad: the backward pass reuses its factorization."""
-    if dyn.linear and cost.quadratic:
-        with torch.no_grad():
-            return ilqr(x_init, cost, dyn, *args, **kwargs)
+    """``ilqr`` without a graph, in inference mode, which saves bookkeeping on each of the
+    solve's many small operations (15-25 % of a cartpole solve at B = 1 or 256). The results
+    come out as ordinary tensors, which autograd may save, unless the caller is in inference
+    mode itself; the factorization an LQ solve hands to the backward pass stays as it is (only
+    read there, except under double backward, which copies it: ``_ordinary``)."""
     with torch.inference_mode():
         res = ilqr(x_init, cost, dyn, *args, **kwargs)
     if torch.is_inference_mode_enabled():  # the caller's own inference mode: leave them
         return res
-    out = {f.name: getattr(res, f.name) for f in fields(res)}
+    return _ordinary(res, skip=("gains",))
+
+
+def _ordinary(obj, skip: tuple = ()):
+    """A copy of the dataclass ``obj`` whose inference tensors are cloned into ordinary ones."""
+    out = {f.name: getattr(obj, f.name) for f in fields(obj)}
     for k, v in out.items():
-        if isinstance(v, Tensor) and v.is_inference():
+        if k not in skip and isinstance(v, Tensor) and v.is_inference():
             out[k] = v.clone()
-    return IterResult(**out)
+    return type(obj)(**out)
 
 
 def _solution(res: IterResult, x, u, obj) -> MPCSolution:
@@ -281,7 +283,10 @@ class _AdjointSolve(torch.autograd.Function):
         gu = torch.zeros_like(H[..., n:, 0]) if gu is None else gu
         g = torch.cat([gx, gu * free], -1)
         if ctx.gains is not None:  # the forward's factorization of the same H, F and free set
-            gains = feedforward(ctx.gains, g)
+            gains = ctx.gains
+            if torch.is_grad_enabled():  # double backward: autograd may save them, so no
+                gains = _ordinary(gains)  # inference tensors (the forward's solve made them)
+            gains = feedforward(gains, g)
         else:
             gains = riccati(H, g, F, None, free=free)
         wx, wu = rollout_affine(gains, torch.zeros_like(gx[:, 0]), offsets=False)

@@ -192,6 +192,39 @@ def test_finite_differences_box(make_problem, box_for_fraction, backward):
     _fd_check(tensors(prob) + list(box_tensors(b, prob)), backward, _losses(prob))
 
 
+@pytest.mark.parametrize("box", [False, True])
+def test_double_backward_matches_finite_differences(make_problem, box_for_fraction, box):
+    """Second derivatives through the implicit backward (create_graph): the derivative in x_init
+    of ``||dL/dc||^2`` against central differences of the first derivative. The forward's
+    factorization, which the backward reuses, must serve a graph here as well."""
+    prob = make_problem(3, 8, 4, 3, seed=1)
+    bounds = ()
+    if box:
+        b, ref = box_for_fraction(prob, 0.3, 0.4)
+        _assert_margins(ref, b, 1e-3)
+        bounds = box_tensors(b, prob)
+    B, T, _, m = prob.sizes
+    W = torch.randn(B, T, m, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    d = torch.randn(prob.x_init.shape, generator=torch.Generator().manual_seed(14),
+                    dtype=torch.float64)
+
+    def grad_c(x_init, create_graph=False):
+        x0, C, c, F, f = tensors(prob)
+        c.requires_grad_(True)
+        sol = solve(x_init, C, c, F, f, *bounds)
+        (g,) = torch.autograd.grad((W * sol.u).sum() + sol.u.square().sum(), c,
+                                   create_graph=create_graph)
+        return g.square().sum()
+
+    x0 = prob.x_init.clone().requires_grad_(True)
+    (h,) = torch.autograd.grad(grad_c(x0, create_graph=True), x0)
+    eps = 1e-5
+    fd = (grad_c(prob.x_init + eps * d) - grad_c(prob.x_init - eps * d)) / (2 * eps)
+    got = float((h * d).sum())
+    assert abs(got - float(fd)) <= 1e-6 * (1 + abs(float(fd))), (got, float(fd))
+    assert abs(got) > 1e-3
+
+
 def _mode_grads(prob, bounds):
     losses = _losses(prob)
     grads = {}
