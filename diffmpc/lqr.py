@@ -68,11 +68,8 @@ def _floor_pd(Quu: Tensor, floor: Tensor) -> Tensor:
 def _control_step(Quu, R, t, lower, upper, free):
     """Gains at one step from ``Quu [B, m, m]`` and ``R = [qu | Qux] [B, m, n+1]``.
 
-    Returns ``Kh = [k | K] [B, m, n+1]``, free ``[B, m]``, info ``[B]`` and the Cholesky factor
-    (None, None for one control: ``riccati`` forms them for all steps at once).
+    Returns ``Kh = [k | K] [B, m, n+1]``, free ``[B, m]``, info ``[B]`` and the Cholesky factor.
     """
-    if Quu.shape[-1] == 1:
-        return _scalar_control_step(Quu, R, t, lower, upper, free)
     if lower is not None:
         # start at du = 0, the current controls (feasible): their active set is a good guess,
         # exact once the iterations settle
@@ -89,30 +86,6 @@ def _control_step(Quu, R, t, lower, upper, free):
         f = torch.ones_like(R[..., 0], dtype=torch.bool)
         L, info = torch.linalg.cholesky_ex(Quu)
     return torch.cholesky_solve(R, L).neg(), f, info, L
-
-
-def _scalar_control_step(Quu, R, t, lower, upper, free):
-    """``_control_step`` for one control, in a few elementwise operations.
-
-    With bounds, the box QP in one variable is solved by clipping the unconstrained minimizer;
-    the control is free where clipping left it unchanged.
-    """
-    h = Quu[:, 0]  # [B, 1]
-    if lower is not None:
-        k_free = -(R[:, :, 0] / h)
-        k = torch.clamp(k_free, lower[:, t], upper[:, t])
-        f = k == k_free
-    else:
-        f = None if free is None else free[:, t]
-    scale = -h.reciprocal()
-    if f is None:
-        f = torch.ones_like(h, dtype=torch.bool)
-    else:  # held controls: no feedback, and no division by their curvature
-        scale = torch.where(f, scale, 0.0)
-    Kh = R * scale.unsqueeze(-1)
-    if lower is not None:
-        Kh[:, :, 0] = k
-    return Kh, f, None, None
 
 
 def homogeneous_cost(C: Tensor, c: Tensor) -> Tensor:
@@ -177,8 +150,9 @@ def riccati(
     # update has the short form Vh = Qh_xx + Qh_xu Kh (whose first column is [.; v]); with it the
     # general form is used.
     short = reg is None or not bool(reg.any())
-    scalar = C.shape[-1] - n == 1
-    eye = None if reg is None or scalar else torch.eye(p - n, dtype=C.dtype, device=C.device)
+    if p - n == 1 and Ch is not None:  # one control: a shortcut in vector operations
+        return _scalar_riccati(Ch, Fh, n, lower, upper, free, None if short else reg, uu_floor)
+    eye = None if reg is None else torch.eye(p - n, dtype=C.dtype, device=C.device)
     Vh = None
     for t in range(T - 1, -1, -1):
         if Ch is not None:
@@ -195,26 +169,72 @@ def riccati(
         if reg is None:
             Quu_r = Quu
         else:
-            Quu_r = Quu + reg[:, None, None] if scalar else Quu + reg[:, None, None] * eye
+            Quu_r = Quu + reg[:, None, None] * eye
         Kh, f, info, L = _control_step(Quu_r, R, t, lower, upper, free)
         Vh = torch.baddbmm(Q[:, :n + 1, :n + 1], Q[:, :n + 1, n + 1:], Kh)
         if not short:
             Vh = Vh + Kh.mT @ torch.baddbmm(R, Quu, Kh)
         Khs[t], frees[t], qus[t], Quus[t] = Kh, f, R[..., 0], Quu
-        infos[t], Ls[t] = (info, L) if not scalar else (None, Quu_r)
+        infos[t], Ls[t] = info, L
     Kh = torch.stack(Khs).transpose(0, 1)  # [B, T, m, n+1], time-major in memory
     K, k = Kh[..., 1:], Kh[..., 0]
     qu, Quu, free = torch.stack(qus, 1), torch.stack(Quus, 1), torch.stack(frees, 1)
     Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
     dV = torch.stack([(k * qu).flatten(1).sum(-1), 0.5 * (k * Quu_k).flatten(1).sum(-1)], -1)
-    if scalar:  # the factor and the check of the step's (regularized) curvature, for all steps
-        h = torch.stack(Ls).transpose(0, 1)  # [B, T, 1, 1]
-        L = torch.where(free.unsqueeze(-1), h.clamp_min(0).sqrt(), 1.0)
-        ok = ~(free & (h[..., 0] <= 0)).flatten(1).any(-1)
-    else:
-        L = torch.stack(Ls).transpose(0, 1)
-        ok = (torch.stack(infos, 1) == 0).all(1)
+    L = torch.stack(Ls).transpose(0, 1)
+    ok = (torch.stack(infos, 1) == 0).all(1)
     return Gains(K, k, free, dV, ok, L, Fh)
+
+
+def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor) -> Gains:
+    """``riccati`` for one control, with ``Ch`` materialized: each step's control Hessian is a
+    number per sample, so the step works on ``[B]`` and ``[B, n+1]`` vectors in about half the
+    operations of the general step (at small batches each costs its dispatch, and nonlinear
+    solves of one-control systems run this recursion every iteration). Same results."""
+    T, B = Ch.shape[:2]
+    Chs = Ch.unbind(0)
+    Fhs = Fh.unbind(0) if Fh is not None else None
+    los = his = None
+    if lower is not None:
+        los, his = lower[..., 0].unbind(1), upper[..., 0].unbind(1)
+    frees_in = free[..., 0].unbind(1) if free is not None and lower is None else None
+    every = torch.ones(B, dtype=torch.bool, device=Ch.device)
+    khs, frees, qus, hs, h_rs = ([None] * T for _ in range(5))
+    Vh = None
+    for t in range(T - 1, -1, -1):
+        Q = Chs[t] if Vh is None else torch.baddbmm(Chs[t], Fhs[t].mT @ Vh, Fhs[t])
+        row = Q[:, -1]  # [qu, Qux, Quu]
+        h, r = row[:, -1], row[:, :-1]
+        if uu_floor is not None:
+            h = torch.maximum(h, uu_floor)
+        h_r = h if reg is None else h + reg
+        kh = r / h_r.neg().unsqueeze(1)  # [k | K] where the control is free
+        if los is not None:  # the box QP in one variable: clip the unconstrained minimizer
+            k_free = kh[:, 0]
+            k = torch.clamp(k_free, los[t], his[t])
+            f = k == k_free
+        else:
+            f = None if frees_in is None else frees_in[t]
+        if f is not None:  # held controls: no feedback (and no division by their curvature)
+            kh = torch.where(f.unsqueeze(1), kh, 0.0)
+            if los is not None:
+                kh[:, 0] = k
+        Vh = torch.addcmul(Q[:, :n + 1, :n + 1], Q[:, :n + 1, -1:], kh.unsqueeze(1))
+        if reg is not None:  # the general value update: + Kh' (R + Quu Kh)
+            Vh.addcmul_(kh.unsqueeze(2), torch.addcmul(r, h.unsqueeze(1), kh).unsqueeze(1))
+        khs[t], frees[t], qus[t], hs[t], h_rs[t] = kh, every if f is None else f, r[:, 0], h, h_r
+    Kh = torch.stack(khs).transpose(0, 1).unsqueeze(2)  # [B, T, 1, n+1], time-major in memory
+    K, k = Kh[..., 1:], Kh[..., 0]
+    qu, h, h_r = (torch.stack(v, 1) for v in (qus, hs, h_rs))  # [B, T]
+    free = torch.stack(frees, 1)
+    kk = k[..., 0]
+    dV = torch.stack([(kk * qu).sum(-1), 0.5 * (kk * h * kk).sum(-1)], -1)
+    L = torch.where(free, h_r.clamp_min(0).sqrt(), 1.0)[..., None, None]
+    # a held control needs no curvature, unless the box held it: clipping the stationary point
+    # of a concave step model does not minimize it
+    need = free if los is None else torch.ones_like(free)
+    ok = ~(need & (h_r <= 0)).any(-1)
+    return Gains(K, k, free.unsqueeze(-1), dV, ok, L, Fh)
 
 
 def feedforward(gains: Gains, c: Tensor) -> Gains:

@@ -501,3 +501,41 @@ def test_bounds_through_the_unconstrained_optimum_converge(make_problem, referen
     sol = solve(*tensors(prob), lower, upper)
     assert bool(sol.converged.all()) and int(sol.iterations.max()) <= 10
     assert (sol.u - u_free).abs().max() <= 1e-6  # the bounds change nothing
+
+
+@pytest.mark.parametrize("mode", ["plain", "box", "fixed", "box+reg", "reg+floor", "box+floor"])
+def test_one_control_recursion_equals_the_general_one(make_problem, monkeypatch, mode):
+    """``riccati`` takes a vector shortcut for one control; the general recursion (Cholesky
+    factorizations, forced by not materializing Ch) must give the same gains in every mode,
+    regularized and floored ones included, and flag the same indefinite control block."""
+    from diffmpc import lqr
+
+    prob = make_problem(5, 7, 4, 1, seed=3)
+    B, T, n, m = prob.sizes
+    C = prob.C.clone()
+    C[0, -1, -1, -1] = -0.5  # an indefinite control block at the last step of sample 0
+    g = torch.Generator().manual_seed(4)
+    kw = {}
+    if "box" in mode:
+        kw.update(lower=torch.full((B, T, 1), -0.3, dtype=torch.float64),
+                  upper=torch.full((B, T, 1), 0.3, dtype=torch.float64))
+    if mode == "fixed":
+        kw["free"] = torch.rand(B, T, 1, generator=g) > 0.3
+    if "reg" in mode:
+        kw["reg"] = torch.rand(B, generator=g, dtype=torch.float64) * torch.tensor([0.0, 1, 1, 1, 1])
+    if "floor" in mode:
+        kw["uu_floor"] = torch.full((B,), 0.05, dtype=torch.float64)
+    fast = lqr.riccati(C, prob.c, prob.F, prob.f, **kw)
+    monkeypatch.setattr(lqr, "_CH_MAX_BYTES", 0)
+    general = lqr.riccati(C, prob.c, prob.F, prob.f, **kw)
+    assert torch.equal(fast.ok, general.ok)
+    ok = fast.ok  # a failed factorization leaves the rest of its sample undefined
+    for name in ("K", "k", "free", "dV", "L"):
+        a, b = getattr(fast, name), getattr(general, name)
+        assert a.shape == b.shape, name
+        if a.dtype == torch.bool:
+            assert torch.equal(a[ok], b[ok]), name
+        else:
+            torch.testing.assert_close(a[ok], b[ok], rtol=1e-10, atol=1e-12, msg=name)
+    if mode == "plain":  # the indefinite block is reported (a held control needs no curvature)
+        assert not bool(fast.ok[0]) and bool(fast.ok[1:].all())
