@@ -104,3 +104,28 @@ def test_nonlinear_solution_tensors_are_ordinary_outside_inference_mode():
     with torch.inference_mode():  # the caller's own inference mode
         inner = mpc(x0, model.default_cost(), model)
     torch.testing.assert_close(inner.u, sol.u.detach())
+
+
+class _StridedPendulum(torch.nn.Module):
+    """The pendulum, returning its next state as a non-contiguous view (a column slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Pendulum(dtype=torch.float64)
+
+    def forward(self, x, u):
+        nxt = self.inner(x, u)
+        return torch.cat([nxt, torch.zeros_like(nxt)], -1)[:, :3]
+
+
+def test_a_model_may_return_a_strided_view():
+    """The line search reshapes what the model returns; a view with strides works and solves
+    the same problem as the plain model."""
+    th = torch.tensor([2.5, -0.7, 1.2], dtype=torch.float64)
+    x0 = torch.stack([th.cos(), th.sin(), torch.zeros_like(th)], -1)
+    model = _StridedPendulum()
+    assert not model(x0, torch.zeros(3, 1, dtype=torch.float64)).is_contiguous()
+    mpc = dm.MPC(3, 1, 10, u_lower=-2.0, u_upper=2.0, tol=1e-10)
+    got = mpc(x0, model.inner.default_cost(), model)
+    ref = mpc(x0, model.inner.default_cost(), model.inner)
+    torch.testing.assert_close(got.u, ref.u, rtol=0, atol=1e-9)
