@@ -84,11 +84,12 @@ def _leaves(prob: Problem, time_first: bool, grad: bool):
     return [t.requires_grad_(grad) for t in out]
 
 
-def run_diffmpc(prob: Problem, T: int, box: bool, grad: bool, **options):
-    """One solve (and backward if grad). Returns u [B, T, m], converged [B], grads or None."""
+def run_diffmpc(prob: Problem, T: int, box: bool, grad: bool, leaves=None, **options):
+    """One solve (and backward if grad) on ``leaves`` (default: fresh ones from ``_leaves``).
+    Returns u [B, T, m], converged [B], grads or None."""
     bounds = (-BOUND, BOUND) if box else (None, None)
     mpc = dm.MPC(N_STATE, N_CTRL, T, *bounds, unconverged="keep", **options)
-    x0, C, c, F, f = leaves = _leaves(prob, False, grad)
+    x0, C, c, F, f = leaves = leaves if leaves is not None else _leaves(prob, False, grad)
     sol = mpc(x0, dm.QuadCost(C, c), dm.LinearDynamics(F, f))
     grads = None
     if grad:
@@ -97,14 +98,14 @@ def run_diffmpc(prob: Problem, T: int, box: bool, grad: bool, **options):
     return sol.u.detach(), sol.converged, grads
 
 
-def run_mpcpytorch(prob: Problem, T: int, box: bool, grad: bool, lqr_iter: int):
+def run_mpcpytorch(prob: Problem, T: int, box: bool, grad: bool, lqr_iter: int, leaves=None):
     """The same with mpc.pytorch; its tensors are time-first. Returns u [B, T, m], grads."""
     from mpc import mpc as mpcpt
 
     bounds = {"u_lower": -BOUND, "u_upper": BOUND} if box else {}
     ctrl = mpcpt.MPC(N_STATE, N_CTRL, T, lqr_iter=lqr_iter, verbose=-1, exit_unconverged=False,
                      **bounds)
-    x0, C, c, F, f = leaves = _leaves(prob, True, grad)
+    x0, C, c, F, f = leaves = leaves if leaves is not None else _leaves(prob, True, grad)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecated torch.lu / uint8 masks
         _, u, _ = ctrl(x0, mpcpt.QuadCost(C, c), mpcpt.LinDx(F, f))
@@ -116,9 +117,10 @@ def run_mpcpytorch(prob: Problem, T: int, box: bool, grad: bool, lqr_iter: int):
 
 
 def _timed(fns: dict, reps: int, budget: dict, dev: torch.device) -> tuple[dict, dict]:
-    """Median wall time (ms) of each function over ``reps`` consecutive calls, one function after
-    the other. A function whose total time exceeds ``budget[name]`` seconds is not called again.
-    Returns medians and last outputs.
+    """Median wall time (ms) of each ``(prepare, solve)`` pair over ``reps`` consecutive calls of
+    ``solve(prepare())``, one pair after the other; only ``solve`` is timed (``prepare`` makes
+    the input leaves, copies of the problem's tensors). A pair whose total time exceeds
+    ``budget[name]`` seconds is not called again. Returns medians and last outputs.
 
     Consecutive calls, not interleaved rounds: interleaved, the first solve after the other
     library's turn page-faulted the memory that turn had handed back to the system, which made
@@ -127,12 +129,13 @@ def _timed(fns: dict, reps: int, budget: dict, dev: torch.device) -> tuple[dict,
     """
     times = {k: [] for k in fns}
     outs = {}
-    for name, fn in fns.items():
+    for name, (prepare, solve) in fns.items():
         for _ in range(reps):
             if sum(times[name]) / 1e3 > budget.get(name, float("inf")):
                 break
+            args = prepare()
             t0 = _report.clock(dev)
-            outs[name] = fn()
+            outs[name] = solve(args)
             times[name].append(1e3 * (_report.clock(dev) - t0))
     return {k: statistics.median(v) for k, v in times.items()}, outs
 
@@ -187,8 +190,11 @@ def bench_config(B: int, T: int, box: bool, args, ref_time_hint: float | None) -
     prob = make_problem(B, T, seed=args.seed, device=args.device)
     row = {"B": B, "T": T, "box": box}
     run_diffmpc(prob, T, box, True)  # warm-up
-    fns = {"d_fwd": lambda: run_diffmpc(prob, T, box, False),
-           "d_fb": lambda: run_diffmpc(prob, T, box, True)}
+    def leaves(time_first: bool, grad: bool):
+        return lambda: _leaves(prob, time_first, grad)
+
+    fns = {"d_fwd": (leaves(False, False), lambda lv: run_diffmpc(prob, T, box, False, lv)),
+           "d_fb": (leaves(False, True), lambda lv: run_diffmpc(prob, T, box, True, lv))}
     if args.no_reference:
         pass
     elif ref_time_hint is not None and ref_time_hint > args.ref_budget:
@@ -196,8 +202,10 @@ def bench_config(B: int, T: int, box: bool, args, ref_time_hint: float | None) -
     elif (failure := _reference_fails(prob, T, box, args)) is not None:
         row["skipped"] = failure
     else:
-        fns["p_fwd"] = lambda: run_mpcpytorch(prob, T, box, False, args.lqr_iter)
-        fns["p_fb"] = lambda: run_mpcpytorch(prob, T, box, True, args.lqr_iter)
+        fns["p_fwd"] = (leaves(True, False),
+                        lambda lv: run_mpcpytorch(prob, T, box, False, args.lqr_iter, lv))
+        fns["p_fb"] = (leaves(True, True),
+                       lambda lv: run_mpcpytorch(prob, T, box, True, args.lqr_iter, lv))
     half = args.ref_budget / 2
     medians, outs = _timed(fns, args.reps, {"p_fwd": half, "p_fb": half}, args.device)
     row.update(medians)
