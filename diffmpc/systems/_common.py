@@ -97,3 +97,12 @@ def angle_output_curvature(cos_n: Tensor, sin_n: Tensor, lam_c: Tensor, lam_s: T
     H[:, is_, ic] += b * h_cs
     H[:, is_, is_] += b * h_ss
     return H
+
+
+def euler_closed_form(model: nn.Module, x: Tensor, u: Tensor) -> bool:
+    """Whether ``model``'s closed-form derivatives apply (its Euler step; RK4 is left to
+    autograd), after checking ``x`` and ``u`` as ``forward`` does."""
+    if model.method != "euler":
+        return False
+    check_xu(type(model).__name__, x, u, model.n_state, model.n_ctrl)
+    return True

@@ -10,6 +10,7 @@ from diffmpc.systems._common import (
     angle_derivatives,
     angle_output_curvature,
     check_xu,
+    euler_closed_form,
     explicit_step,
     init_step_and_bounds,
     log_param,
@@ -163,9 +164,8 @@ class Cartpole(nn.Module):
         """Closed-form Jacobian ``[N, 5, 6]`` of the Euler step in ``[x, u]`` (x ``[N, 5]``, u
         ``[N, 1]``); None for RK4 (the solver then differentiates ``forward`` by autograd).
         Differentiable in the parameters."""
-        if self.method != "euler":
+        if not euler_closed_form(self, x, u):
             return None
-        check_xu("Cartpole", x, u, self.n_state, self.n_ctrl)
         e = self._euler_expansion(x, u)
         dt, phi = self.dt, e["phi"]
         e_w = torch.zeros_like(phi)
@@ -188,9 +188,8 @@ class Cartpole(nn.Module):
         part, with ``beta = dt (lam_w - mu c lam_v) / D`` and
         ``h = beta (ga + d gq) + dt mu lam_v gq``.
         """
-        if self.method != "euler":
+        if not euler_closed_form(self, x, u):
             return None
-        check_xu("Cartpole", x, u, self.n_state, self.n_ctrl)
         e = self._euler_expansion(x, u)
         dt, c, e_c, gq = self.dt, e["c"], e["e_c"], e["gq"]
         lam_v, lam_c, lam_s, lam_w = lam[:, 1], lam[:, 2], lam[:, 3], lam[:, 4]

@@ -10,6 +10,7 @@ from diffmpc.systems._common import (
     angle_derivatives,
     angle_output_curvature,
     check_xu,
+    euler_closed_form,
     explicit_step,
     init_step_and_bounds,
     log_param,
@@ -121,18 +122,16 @@ class Pendulum(nn.Module):
         """Closed-form Jacobian ``[N, 3, 4]`` of the Euler step in ``[x, u]`` (x ``[N, 3]``, u
         ``[N, 1]``); None for RK4 (the solver then differentiates ``forward`` by autograd).
         Differentiable in the parameters."""
-        if self.method != "euler":
+        if not euler_closed_form(self, x, u):
             return None
-        check_xu("Pendulum", x, u, self.n_state, self.n_ctrl)
         cos_n, sin_n, phi, grad_w, _ = self._euler_expansion(x, u)
         return torch.stack([-sin_n[:, None] * phi, cos_n[:, None] * phi, grad_w], 1)
 
     def curvature(self, x: Tensor, u: Tensor, lam: Tensor) -> Tensor | None:
         """Closed-form ``sum_i lam_i Hess f_i`` ``[N, 4, 4]`` of the Euler step ``f`` in ``[x, u]``,
         weighted by ``lam [N, 3]``; None for RK4 (autograd then)."""
-        if self.method != "euler":
+        if not euler_closed_form(self, x, u):
             return None
-        check_xu("Pendulum", x, u, self.n_state, self.n_ctrl)
         cos_n, sin_n, phi, _, h = self._euler_expansion(x, u)
         return angle_output_curvature(cos_n, sin_n, lam[:, 0], lam[:, 1], phi, *h, 0, 1)
 
