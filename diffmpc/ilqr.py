@@ -7,8 +7,9 @@ One iteration, for the samples that have not converged yet:
      dynamics' curvature weighted by the costate) while its Newton steps succeed; a per-sample
      Levenberg-Marquardt term stays zero unless a factorization or a line search failed;
   3. line search: the full step's closed-loop rollout, then, for the samples where it did not
-     lower the cost, the rest of the step-size ladder at once; each sample takes the largest step
-     whose cost is lower, or keeps its trajectory. A sample whose Newton step found no lower
+     lower the cost, the rest of the step-size ladder at once (on small batches, the whole ladder
+     in one rollout); each sample takes the largest step whose cost is lower, or keeps its
+     trajectory. A sample whose Newton step found no lower
      cost takes the Gauss-Newton step of the same expansion (its Riccati pass and line search)
      in the same iteration.
 A sample has converged when its Newton step (or its accepted step) is below ``tol``, or when no
