@@ -9,9 +9,8 @@ One iteration, for the samples that have not converged yet:
   3. line search: the full step's closed-loop rollout, then, for the samples where it did not
      lower the cost, the rest of the step-size ladder at once (on small batches, the whole ladder
      in one rollout); each sample takes the largest step whose cost is lower, or keeps its
-     trajectory. A sample whose Newton step found no lower
-     cost takes the Gauss-Newton step of the same expansion (its Riccati pass and line search)
-     in the same iteration.
+     trajectory. A sample whose Newton step found no lower cost takes the Gauss-Newton step of
+     the same expansion (its Riccati pass and line search) in the same iteration.
 A sample has converged when its Newton step (or its accepted step) is below ``tol``, or when no
 step lowers its cost and the predicted decrease is at the rounding floor. Converged samples are
 not touched again; the current iterate of a sample is always its best one.
