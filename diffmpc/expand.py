@@ -151,21 +151,13 @@ class TrajDynamics:
             out.F, out.f = self.F[idx], self.f[idx]
         return out
 
-    def step(self, t: int, x: Tensor, u: Tensor) -> Tensor:
-        """x ``[..., B, n]``, u ``[..., B, m]`` at time t -> ``[..., B, n]``."""
+    def step(self, t: int, x: Tensor, u: Tensor, reps: int = 1) -> Tensor:
+        """x ``[reps * B, n]``, u ``[reps * B, m]`` (``reps`` copies of the batch, stacked, e.g.
+        one per line-search step) at time t -> ``[reps * B, n]``; a row-wise model is called on
+        them as they are."""
         if self.linear:
-            tau = torch.cat([x, u], -1)
-            extra = tau.shape[:-2]  # leading dims beyond [B] (e.g. line-search steps)
-            cols = tau.reshape(-1, *tau.shape[-2:]).permute(1, 2, 0)  # [B, p, k]
-            nxt = (self.F[:, t] @ cols).permute(2, 0, 1)  # [k, B, n]
-            return nxt.reshape(*extra, *nxt.shape[1:]) + self.f[:, t]
-        return _rows(self.raw, x, u)
-
-    def step_rows(self, t: int, x: Tensor, u: Tensor, reps: int) -> Tensor:
-        """x ``[reps * B, n]``, u ``[reps * B, m]`` (``reps`` copies of the batch, stacked) at
-        time t -> ``[reps * B, n]``: a row-wise model is called on them as they are."""
-        if self.linear:
-            nxt = self.step(t, x.view(reps, self.B, self.n), u.view(reps, self.B, self.m))
+            tau = torch.cat([x, u], -1).reshape(reps, self.B, -1).permute(1, 2, 0)  # [B, p, reps]
+            nxt = (self.F[:, t] @ tau).permute(2, 0, 1) + self.f[:, t]  # [reps, B, n]
             return nxt.reshape(reps * self.B, self.n)
         return self.raw(x, u)
 

@@ -108,7 +108,7 @@ def _closed_loop(dyn, x_init, x, u, gains: Gains, alphas, lower, upper):
         xs.append(xt)
         us.append(ut)
         if t < T - 1:
-            xt = dyn.step_rows(t, xt, ut.view(A * B, m), A)
+            xt = dyn.step(t, xt, ut.view(A * B, m), A)
     return torch.stack(xs, 1).view(A, B, T, n), torch.stack(us, 2)
 
 
