@@ -297,7 +297,7 @@ def _leave_saddle(x_init, cost, dyn, x, u, J, idx, lower, upper, scale):
     Hn = dyn.lagrangian_hessian(H, xs, us, lam)
     lo = None if lower is None else lower - us
     hi = None if upper is None else upper - us
-    saddle = ~riccati(Hn, c, F, None, lo, hi).ok
+    saddle = ~riccati(Hn, c, F, None, lo, hi, expected=False).ok
     left = torch.zeros_like(saddle)
     if not bool(saddle.any()):
         return x, u, J, left
@@ -407,7 +407,7 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         shift = torch.cat([val.new_zeros(*val.shape[:-1], n), val], -1)
         c_eff = c_sub.c + (c_sub.C @ shift.unsqueeze(-1)).squeeze(-1)
         d_eff = d_sub.f + (d_sub.F[..., n:] @ val[:, :-1].unsqueeze(-1)).squeeze(-1)
-        gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free)
+        gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free, expected=False)
         xs, us = rollout_affine(gains, sub(x_init))
         us = torch.where(free, us, val)
         gu, g = _grad_u(c_sub, gains.Fh, xs, us)
@@ -437,7 +437,7 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         return x, u, conv, iters, step, None
     if L is None:  # T = 1: no dynamics, nothing for the backward to reuse
         return x, u, conv, iters, step, None
-    gains = Gains(K, torch.zeros_like(u), free_all, u.new_zeros(B, 2), torch.ones_like(conv), L, Fh)
+    gains = Gains(K, torch.zeros_like(u), free_all, None, torch.ones_like(conv), L, Fh)
     return x, u, conv, iters, step, gains
 
 
@@ -517,7 +517,8 @@ def _lq_passes(max_iter: int) -> int:
 def _lqr(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u_init: Tensor) -> IterResult | None:
     """An unconstrained LQR in one Riccati pass and one rollout, or None if some control
     Hessian of the recursion is not positive definite (the iterations regularize those)."""
-    gains = riccati(cost.C, cost.c, dyn.F, dyn.f)  # absolute coordinates: tau = 0 plus the step
+    # absolute coordinates: tau = 0 plus the step
+    gains = riccati(cost.C, cost.c, dyn.F, dyn.f, expected=False)
     if not bool(gains.ok.all()):
         return None
     x, u = rollout_affine(gains, x_init)

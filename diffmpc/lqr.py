@@ -34,7 +34,7 @@ class Gains:
         k: ``[B, T, m]`` feedforward terms.
         free: ``[B, T, m]`` bool, controls not held at a bound (all True if unconstrained).
         dV: ``[B, 2]`` expected cost change coefficients: a step alpha changes the cost by
-            ``alpha * dV[:, 0] + alpha**2 * dV[:, 1]``.
+            ``alpha * dV[:, 0] + alpha**2 * dV[:, 1]``; None unless the pass was asked for it.
         ok: ``[B]`` bool, every control Hessian was positive definite.
         L: ``[B, T, m, m]`` Cholesky factors of the control Hessians restricted to the free
             controls (identity elsewhere), or None.
@@ -45,7 +45,7 @@ class Gains:
     K: Tensor
     k: Tensor
     free: Tensor
-    dV: Tensor
+    dV: Tensor | None
     ok: Tensor
     L: Tensor | None = None
     Fh: Tensor | None = None
@@ -117,6 +117,7 @@ def riccati(
     free: Tensor | None = None,
     reg: Tensor | None = None,
     uu_floor: Tensor | None = None,
+    expected: bool = True,
 ) -> Gains:
     """Backward Riccati recursion.
 
@@ -130,6 +131,9 @@ def riccati(
         reg: ``[B]`` Levenberg-Marquardt term added to each control Hessian, or None.
         uu_floor: ``[B]``: if given, every control Hessian ``Q_uu`` has its eigenvalues raised to
             at least this floor, and the recursion goes on with the modified (convex) model.
+        expected: compute ``dV``, the step's predicted cost change (line searches need it; a
+            solve that takes the full step does not, and its per-step blocks of ``Q_uu`` and
+            ``q_u`` are then not gathered).
 
     Returns:
         Gains (K, k, L are batch-first views of time-major storage).
@@ -151,7 +155,8 @@ def riccati(
     # general form is used.
     short = reg is None or not bool(reg.any())
     if p - n == 1 and Ch is not None:  # one control: a shortcut in vector operations
-        return _scalar_riccati(Ch, Fh, n, lower, upper, free, None if short else reg, uu_floor)
+        return _scalar_riccati(Ch, Fh, n, lower, upper, free, None if short else reg, uu_floor,
+                               expected)
     eye = None if reg is None else torch.eye(p - n, dtype=C.dtype, device=C.device)
     Vh = None
     for t in range(T - 1, -1, -1):
@@ -178,15 +183,18 @@ def riccati(
         infos[t], Ls[t] = info, L
     Kh = torch.stack(Khs).transpose(0, 1)  # [B, T, m, n+1], time-major in memory
     K, k = Kh[..., 1:], Kh[..., 0]
-    qu, Quu, free = torch.stack(qus, 1), torch.stack(Quus, 1), torch.stack(frees, 1)
-    Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
-    dV = torch.stack([(k * qu).flatten(1).sum(-1), 0.5 * (k * Quu_k).flatten(1).sum(-1)], -1)
+    free = torch.stack(frees, 1)
+    dV = None
+    if expected:
+        qu, Quu = torch.stack(qus, 1), torch.stack(Quus, 1)
+        Quu_k = (Quu @ k.unsqueeze(-1)).squeeze(-1)
+        dV = torch.stack([(k * qu).flatten(1).sum(-1), 0.5 * (k * Quu_k).flatten(1).sum(-1)], -1)
     L = torch.stack(Ls).transpose(0, 1)
     ok = (torch.stack(infos, 1) == 0).all(1)
     return Gains(K, k, free, dV, ok, L, Fh)
 
 
-def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor) -> Gains:
+def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected) -> Gains:
     """``riccati`` for one control, with ``Ch`` materialized: each step's control Hessian is a
     number per sample, so the step works on ``[B]`` and ``[B, n+1]`` vectors in about half the
     operations of the general step (at small batches each costs its dispatch, and nonlinear
@@ -228,7 +236,7 @@ def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor) -> Gains:
     qu, h, h_r = (torch.stack(v, 1) for v in (qus, hs, h_rs))  # [B, T]
     free = torch.stack(frees, 1)
     kk = k[..., 0]
-    dV = torch.stack([(kk * qu).sum(-1), 0.5 * (kk * h * kk).sum(-1)], -1)
+    dV = torch.stack([(kk * qu).sum(-1), 0.5 * (kk * h * kk).sum(-1)], -1) if expected else None
     L = torch.where(free, h_r.clamp_min(0).sqrt(), 1.0)[..., None, None]
     # a held control needs no curvature, unless the box held it: clipping the stationary point
     # of a concave step model does not minimize it
@@ -254,7 +262,7 @@ def feedforward(gains: Gains, c: Tensor) -> Gains:
         qus[t] = qu = q[:, n:] * gains.free[:, t]
         v = torch.baddbmm(q[:, :n].unsqueeze(-1), gains.K[:, t].mT, qu.unsqueeze(-1)).squeeze(-1)
     k = -torch.cholesky_solve(torch.stack(qus, 1).unsqueeze(-1), gains.L).squeeze(-1)
-    return Gains(gains.K, k, gains.free, torch.zeros_like(gains.dV), gains.ok, gains.L, gains.Fh)
+    return Gains(gains.K, k, gains.free, None, gains.ok, gains.L, gains.Fh)
 
 
 def rollout_affine(gains: Gains, dx0: Tensor, offsets: bool = True) -> tuple[Tensor, Tensor]:

@@ -288,7 +288,7 @@ class _AdjointSolve(torch.autograd.Function):
                 gains = _ordinary(gains)  # inference tensors (the forward's solve made them)
             gains = feedforward(gains, g)
         else:
-            gains = riccati(H, g, F, None, free=free)
+            gains = riccati(H, g, F, None, free=free, expected=False)
         wx, wu = rollout_affine(gains, torch.zeros_like(gx[:, 0]), offsets=False)
         r = matvec(H, torch.cat([wx, wu], -1)) + g
         nu = costate(r[..., :n], None if gains.Fh is None else gains.Fh[:, :, 1:, 1:n + 1])

@@ -503,6 +503,21 @@ def test_bounds_through_the_unconstrained_optimum_converge(make_problem, referen
     assert (sol.u - u_free).abs().max() <= 1e-6  # the bounds change nothing
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_riccati_without_expected_change_gives_the_same_gains(make_problem, m):
+    """``expected=False`` skips only ``dV``; the gains are those of the full pass."""
+    from diffmpc import lqr
+
+    prob = make_problem(3, 6, 4, m, seed=2)
+    B, T, n, m = prob.sizes
+    lo = torch.full((B, T, m), -0.3, dtype=torch.float64)
+    full = lqr.riccati(prob.C, prob.c, prob.F, prob.f, lo, -lo)
+    lean = lqr.riccati(prob.C, prob.c, prob.F, prob.f, lo, -lo, expected=False)
+    assert full.dV is not None and lean.dV is None
+    for name in ("K", "k", "free", "ok", "L"):
+        assert torch.equal(getattr(full, name), getattr(lean, name)), name
+
+
 @pytest.mark.parametrize("mode", ["plain", "box", "fixed", "box+reg", "reg+floor", "box+floor"])
 def test_one_control_recursion_equals_the_general_one(make_problem, monkeypatch, mode):
     """``riccati`` takes a vector shortcut for one control; the general recursion (Cholesky
