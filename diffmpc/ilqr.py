@@ -24,7 +24,15 @@ import torch
 from torch import Tensor
 
 from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues
-from diffmpc.lqr import Gains, costate, riccati, rollout_affine, time_major
+from diffmpc.lqr import (
+    Gains,
+    costate,
+    homogeneous_cost,
+    homogeneous_dynamics,
+    riccati,
+    rollout_affine,
+    time_major,
+)
 
 __all__ = ["SolverOptions", "IterResult", "ilqr", "rollout"]
 
@@ -332,8 +340,9 @@ def _grad_u(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor) -> tuple[Te
     gu = g[..., n:]
     if Fh is not None:
         lam = costate(g[..., :n], Fh[:, :, 1:, 1:n + 1])
-        Fu_lam = torch.einsum("tbnm,btn->btm", Fh[:, :, 1:, n + 1:], lam[:, 1:])
-        gu = gu + torch.cat([Fu_lam, torch.zeros_like(gu[:, :1])], 1)
+        # time-major, as Fh is stored (an einsum here copied F_u into its batch-first order)
+        Fu_lam = (lam[:, 1:].transpose(0, 1).unsqueeze(-2) @ Fh[:, :, 1:, n + 1:]).squeeze(-2)
+        gu = gu + torch.cat([Fu_lam.transpose(0, 1), torch.zeros_like(gu[:, :1])], 1)
     return gu, g
 
 
@@ -395,19 +404,33 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     iters = torch.zeros(B, dtype=torch.long, device=u0.device)
     step = u0.new_zeros(B)
     act = torch.arange(B, device=u0.device)
-    K = L = free_all = Fh = None  # set by the first pass, which always covers the whole batch
+    K = L = free_all = None  # set by the first pass, which always covers the whole batch
+    # the whole batch's homogeneous cost and dynamics: built once, the linear terms and offsets
+    # rewritten for each pass (no reader of an earlier pass's Fh uses its offsets)
+    Ch = Fh = None
     for _ in range(max_iter):
-        whole = act.numel() == B  # no copies of C and F while every sample is active
+        # a pass covers the whole batch while more than half of it is active: the finished
+        # samples' share of the pass (it reproduces their result) costs less than copying C and F
+        # for the others
+        whole = 2 * act.numel() > B
         sub = (lambda z: z) if whole else _take(act)
         c_sub, d_sub = (cost, dyn) if whole else (cost.subset(act), dyn.subset(act))
         lo, hi, h_lo, h_hi = sub(lower), sub(upper), sub(held_lo), sub(held_hi)
         free = ~(h_lo | h_hi)
         val = torch.where(h_lo, lo, torch.where(h_hi, hi, torch.zeros_like(lo)))
         # tau = tau' + [0; val]: the held controls move into the linear terms and offsets
-        shift = torch.cat([val.new_zeros(*val.shape[:-1], n), val], -1)
-        c_eff = c_sub.c + (c_sub.C @ shift.unsqueeze(-1)).squeeze(-1)
+        c_eff = c_sub.c + (c_sub.C[..., n:] @ val.unsqueeze(-1)).squeeze(-1)
         d_eff = d_sub.f + (d_sub.F[..., n:] @ val[:, :-1].unsqueeze(-1)).squeeze(-1)
-        gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free, expected=False)
+        if whole:
+            if Ch is None:
+                Ch = homogeneous_cost(cost.C, c_eff)
+                Fh = homogeneous_dynamics(dyn.F, d_eff) if T > 1 else None
+            else:
+                Ch[..., 0, 1:] = Ch[..., 1:, 0] = c_eff.transpose(0, 1)
+                if Fh is not None:
+                    Fh[..., 1:, 0] = d_eff.transpose(0, 1)
+        gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free, expected=False,
+                        Fh=Fh if whole else None, Ch=Ch if whole else None)
         xs, us = rollout_affine(gains, sub(x_init))
         us = torch.where(free, us, val)
         gu, g = _grad_u(c_sub, gains.Fh, xs, us)
@@ -415,19 +438,24 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         new_lo = torch.where(free, us < lo, h_lo & (gu >= -tol)) | sub(pinned)
         new_hi = torch.where(free, us > hi, h_hi & (gu <= tol)) & ~new_lo
         done = ((new_lo == h_lo) & (new_hi == h_hi)).flatten(1).all(-1) & gains.ok
-        step = step.index_put((act,), (us - sub(u)).abs().flatten(1).amax(-1))
+        # the active samples' part of the pass
+        mine = _take(act) if whole and act.numel() < B else (lambda z: z)
+        xs, us, new_lo, new_hi, done, ok = (mine(z) for z in (xs, us, new_lo, new_hi, done,
+                                                               gains.ok))
+        step = step.index_put((act,), (us - mine(sub(u))).abs().flatten(1).amax(-1))
         x, u = x.index_put((act,), xs), u.index_put((act,), us)
         held_lo, held_hi = held_lo.index_put((act,), new_lo), held_hi.index_put((act,), new_hi)
         conv = conv.index_put((act,), done)
-        if whole:  # the first pass, and later ones while every sample is active
-            K, L, free_all, Fh = gains.K, gains.L, gains.free, gains.Fh
+        if act.numel() == B:  # the first pass, and later ones while every sample is active
+            K, L, free_all = gains.K, gains.L, gains.free
         else:
-            fin, own = act[done], done.nonzero().squeeze(1)
-            K = K.index_put((fin,), gains.K[own])
-            L = L.index_put((fin,), gains.L[own])
-            free_all = free_all.index_put((fin,), gains.free[own])
+            fin = act[done]
+            src = fin if whole else done.nonzero().squeeze(1)  # their rows in this pass
+            K = K.index_put((fin,), gains.K[src])
+            L = L.index_put((fin,), gains.L[src])
+            free_all = free_all.index_put((fin,), gains.free[src])
         iters = iters.index_add(0, act, torch.ones_like(act))
-        act = act[~done & gains.ok]
+        act = act[~done & ok]
         if act.numel() == 0:
             break
     u = torch.maximum(torch.minimum(u, upper), lower)

@@ -118,6 +118,8 @@ def riccati(
     reg: Tensor | None = None,
     uu_floor: Tensor | None = None,
     expected: bool = True,
+    Fh: Tensor | None = None,
+    Ch: Tensor | None = None,
 ) -> Gains:
     """Backward Riccati recursion.
 
@@ -134,6 +136,10 @@ def riccati(
         expected: compute ``dV``, the step's predicted cost change (line searches need it; a
             solve that takes the full step does not, and its per-step blocks of ``Q_uu`` and
             ``q_u`` are then not gathered).
+        Fh: ``homogeneous_dynamics(F, d)``, if the caller has it already (repeated passes on the
+            same dynamics); F then gives only the sizes, and d is ignored.
+        Ch: ``homogeneous_cost(C, c)``, if the caller has it (C and c are then ignored); else it
+            is formed here when small enough.
 
     Returns:
         Gains (K, k, L are batch-first views of time-major storage).
@@ -145,10 +151,12 @@ def riccati(
     """
     B, T, p, _ = C.shape
     n = F.shape[-2]
-    Fh = homogeneous_dynamics(F, d) if T > 1 else None
+    if Fh is None and T > 1:
+        Fh = homogeneous_dynamics(F, d)
     # small problems: Ch for all steps at once (one fused product per step); large ones: C_t and
     # c_t added per step (Ch would be a fresh, page-faulted block of memory at every call)
-    Ch = homogeneous_cost(C, c) if B * T * (p + 1) ** 2 * C.element_size() < _CH_MAX_BYTES else None
+    if Ch is None and B * T * (p + 1) ** 2 * C.element_size() < _CH_MAX_BYTES:
+        Ch = homogeneous_cost(C, c)
     Khs, frees, infos, qus, Quus, Ls = ([None] * T for _ in range(6))
     # Without regularization K and k minimize the step's model on the free controls, so the value
     # update has the short form Vh = Qh_xx + Qh_xu Kh (whose first column is [.; v]); with it the

@@ -457,6 +457,38 @@ def test_mostly_clamped_box_is_solved_by_the_active_set_passes(make_problem, ref
     assert float(sol.u.abs().max()) <= b
 
 
+def test_active_set_passes_over_part_of_the_batch_equal_one_by_one(make_problem, reference):
+    """Samples finish their active-set passes after different counts. A pass covers the whole
+    batch while more than half of it is active (the finished samples' rows are recomputed and
+    dropped), then only the active rows; the homogeneous cost and dynamics are built once and
+    their linear terms rewritten per pass. Each sample's solution, pass count, last step and
+    gradients must be those of its own solve."""
+    prob = make_problem(12, 20, 6, 3, seed=0)
+    B, T, n, m = prob.sizes
+    b = 0.3 * float(reference(prob).u.abs().median())
+    leaves = tensors(prob, True)
+    sol = solve(*leaves, -b, b)
+    its = sol.iterations
+    # both kinds of pass occur: one with finished samples among more than half still active,
+    # and one over at most half of the batch
+    ks = range(int(its.max()))
+    assert any(0 < int((its <= k).sum()) and 2 * int((its > k).sum()) > B for k in ks), its
+    assert any(0 < 2 * int((its > k).sum()) <= B for k in ks), its
+    w = torch.randn(B, T, m, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = torch.autograd.grad((w * sol.u).sum(), leaves)
+    for i in range(B):
+        one = tensors(prob.sample(i), True)
+        s1 = solve(*one, -b, b)
+        assert int(s1.iterations[0]) == int(its[i]) and bool(s1.converged[0])
+        torch.testing.assert_close(s1.u[0], sol.u[i], rtol=0, atol=1e-10)
+        torch.testing.assert_close(s1.x[0], sol.x[i], rtol=0, atol=1e-10)
+        torch.testing.assert_close(s1.step_norm[0], sol.step_norm[i], rtol=1e-8, atol=1e-12)
+        g1 = torch.autograd.grad((w[i:i + 1] * s1.u).sum(), one)
+        for name, a, c in zip(NAMES, g1, grads, strict=True):
+            torch.testing.assert_close(a[0], c[i], rtol=1e-8, atol=1e-10, msg=name)
+    assert (sol.u - reference(prob, -b, b).u).abs().max() <= 1e-6
+
+
 def test_box_ddp_finishes_what_the_active_set_passes_leave(make_problem, box_for_fraction,
                                                            monkeypatch):
     """With one active-set pass allowed (an unconstrained solve from u = 0), box-DDP must take
