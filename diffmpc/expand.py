@@ -18,7 +18,7 @@ from torch import Tensor
 from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
 
-__all__ = ["batch_jacobian", "batch_hessian", "matvec", "TrajDynamics", "TrajCost"]
+__all__ = ["batch_jacobian", "batch_hessian", "matvec", "matvec_pair", "TrajDynamics", "TrajCost"]
 
 
 class _MatVec(torch.autograd.Function):
@@ -63,6 +63,43 @@ def matvec(A: Tensor, x: Tensor, sym: bool = False, trans: bool = False) -> Tens
     if A.shape[:-2] != x.shape[:-1]:
         return ((A.mT if trans else A) @ x.unsqueeze(-1)).squeeze(-1)
     return _MatVec.apply(A, x, sym, trans)
+
+
+class _MatVecPair(torch.autograd.Function):
+    """``(A x, A' y)`` for ``A [..., r, c]``; see ``matvec_pair``."""
+
+    @staticmethod
+    def forward(A, x, y):
+        return (A @ x.unsqueeze(-1)).squeeze(-1), (A.mT @ y.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gAx, gAty):
+        A, x, y = ctx.saved_tensors
+        gA = gx = gy = None
+        if ctx.needs_input_grad[0]:  # gAx x' + y gAty', one fresh block of A's size
+            if gAx is not None:
+                gA = gAx.unsqueeze(-1) * x.unsqueeze(-2)
+            if gAty is not None:
+                gA = (y.unsqueeze(-1) * gAty.unsqueeze(-2) if gA is None
+                      else gA.addcmul_(y.unsqueeze(-1), gAty.unsqueeze(-2)))
+        if ctx.needs_input_grad[1] and gAx is not None:
+            gx = matvec(A, gAx, trans=True)
+        if ctx.needs_input_grad[2] and gAty is not None:
+            gy = matvec(A, gAty)
+        return gA, gx, gy
+
+
+def matvec_pair(A: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A x, A' y)`` for ``A [..., r, c]``, ``x [..., c]``, ``y [..., r]`` with A's leading
+    dims. As two ``matvec`` calls, except that the gradient w.r.t. A is one tensor formed in
+    place (``gAx x' + y gAty'``) instead of two that autograd then adds: A may be large (the
+    dynamics Jacobians of a whole batch of trajectories)."""
+    return _MatVecPair.apply(A, x, y)
 
 
 def _replicate(z: Tensor, r: int) -> Tensor:

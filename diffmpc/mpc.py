@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from diffmpc.checks import as_bound, check_finite, check_tensor
 from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
-from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues, matvec
+from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues, matvec, matvec_pair
 from diffmpc.ilqr import IterResult, SolverOptions, ilqr
 from diffmpc.lqr import costate, feedforward, riccati, rollout_affine, time_major
 
@@ -315,30 +315,36 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
     n = x_init.shape[-1]
     x, u = res.x.detach(), res.u.detach()
     lo_act, hi_act = _active(u, lower, upper)
+    lq = cost.quadratic and dyn.linear
+    Fx = None  # state Jacobians, time-major: from the forward's factorization if it has one
+    if res.gains is not None and res.gains.Fh is not None:
+        Fx = res.gains.Fh[:, :, 1:, 1:n + 1]
     with torch.no_grad():
-        H, g = cost.quadratize(x, u)
-        if not (exact or cost.quadratic):  # Gauss-Newton: the forward's convexified Hessian
-            H = clip_eigenvalues(H, opts.psd_floor)
         F = dyn.jacobian(x[:, :-1], u[:, :-1])
-        if res.gains is not None and res.gains.Fh is not None:  # F, time-major, from the forward
-            lam = costate(g[..., :n], res.gains.Fh[:, :, 1:, 1:n + 1])
+        Fx = time_major(F[..., :n]) if Fx is None else Fx
+        if lq:  # the costate comes with the residual (``_lq_residual``)
+            H = cost.C
         else:
-            lam = costate(g[..., :n], time_major(F[..., :n]))
-        if exact:
-            H = dyn.lagrangian_hessian(H, x, u, lam)
+            H, g = cost.quadratize(x, u)
+            if not (exact or cost.quadratic):  # Gauss-Newton: the forward's convexified Hessian
+                H = clip_eigenvalues(H, opts.psd_floor)
+            lam = costate(g[..., :n], Fx)
+            if exact:
+                H = dyn.lagrangian_hessian(H, x, u, lam)
     with torch.enable_grad():
         xs, us = x.clone().requires_grad_(True), u.clone().requires_grad_(True)
         u_eff = us if lower is None else torch.where(lo_act, lower, torch.where(hi_act, upper, us))
-        nxt = dyn.all(xs[:, :-1], u_eff[:, :-1])
-        Glam = torch.cat([(x_init - xs[:, 0]).unsqueeze(1), nxt - xs[:, 1:]], 1)
-        if cost.quadratic and dyn.linear:  # the same gradient in closed form (no double backward)
-            Gx, Gu = _lq_residual(cost, dyn, xs, u_eff, lam, lo_act | hi_act)
+        if lq:  # the same gradient in closed form (no double backward)
+            Gx, Gu, nxt = _lq_residual(cost, dyn, xs, u_eff, lo_act | hi_act, Fx)
         else:
+            nxt = dyn.all(xs[:, :-1], u_eff[:, :-1])
+        Glam = torch.cat([(x_init - xs[:, 0]).unsqueeze(1), nxt - xs[:, 1:]], 1)
+        if not lq:
             lagr = cost.value(xs, u_eff).sum() + (lam * Glam).sum()
             Gx, Gu = torch.autograd.grad(lagr, (xs, us), create_graph=True,
                                          materialize_grads=True)
         free = ~(lo_act | hi_act)
-        reuse = res.gains if (dyn.linear and cost.quadratic and res.gains is not None
+        reuse = res.gains if (lq and res.gains is not None
                               and torch.equal(res.gains.free, free)) else None
         dx, du = _AdjointSolve.apply((H, F, free, reuse), Gx, Gu, Glam)
         x_out = x + dx
@@ -349,18 +355,26 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
     return x_out, u_out, obj
 
 
-def _lq_residual(cost, dyn, x, u, lam, held):
-    """Stationarity residual of a linear-quadratic problem: ``Gx [B, T, n]``, ``Gu [B, T, m]``.
+def _lq_residual(cost, dyn, x, u, held, Fx):
+    """Stationarity residual of a linear-quadratic problem and its transitions at (x, u):
+    ``Gx [B, T, n]``, ``Gu [B, T, m]`` and ``F_t tau_t + f_t`` ``[B, T-1, n]``.
 
     ``d/dtau_t`` of ``cost + lam' (constraints)``: ``C_t tau_t + c_t + F_t' lam_{t+1} - [lam_t; 0]``
-    (no ``F'`` term at the last step), zero on the controls held at a bound.
+    (no ``F'`` term at the last step), zero on the controls held at a bound. The costate ``lam``
+    (a constant) comes from the same cost gradient, with the state Jacobians ``Fx``
+    (time-major). ``F tau`` and ``F' lam`` are one ``matvec_pair``: one gradient block for F.
     """
     n = x.shape[-1]
-    g = matvec(cost.C, torch.cat([x, u], -1), sym=True) + cost.c
+    tau = torch.cat([x, u], -1)
+    g = matvec(cost.C, tau, sym=True) + cost.c
+    lam = costate(g.detach()[..., :n], Fx)
     if x.shape[1] > 1:
-        Fl = matvec(dyn.F, lam[:, 1:], trans=True)
+        Ftau, Fl = matvec_pair(dyn.F, tau[:, :-1], lam[:, 1:])
+        nxt = Ftau + dyn.f
         g = g + torch.cat([Fl, torch.zeros_like(g[:, :1])], 1)
-    return g[..., :n] - lam, g[..., n:].masked_fill(held, 0.0)
+    else:  # T = 1: no transition
+        nxt = x[:, :0]
+    return g[..., :n] - lam, g[..., n:].masked_fill(held, 0.0), nxt
 
 
 def _check_x_init(x_init, n: int) -> Tensor:

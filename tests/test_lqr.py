@@ -550,6 +550,23 @@ def test_riccati_without_expected_change_gives_the_same_gains(make_problem, m):
         assert torch.equal(getattr(full, name), getattr(lean, name)), name
 
 
+def test_matvec_pair_gradients_match_finite_differences():
+    """``matvec_pair`` (A x, A' y) forms its gradient w.r.t. A in one block: first and second
+    derivatives against finite differences (gradcheck, gradgradcheck), with either output
+    unused as well."""
+    from torch.autograd import gradgradcheck
+
+    from diffmpc.expand import matvec_pair
+
+    g = torch.Generator().manual_seed(0)
+    A, x, y = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in ((2, 3, 4, 5), (2, 3, 5), (2, 3, 4)))
+    assert gradcheck(matvec_pair, (A, x, y))
+    assert gradgradcheck(matvec_pair, (A, x, y))
+    assert gradcheck(lambda *a: matvec_pair(*a)[0], (A, x, y))
+    assert gradcheck(lambda *a: matvec_pair(*a)[1], (A, x, y))
+
+
 @pytest.mark.parametrize("mode", ["plain", "box", "fixed", "box+reg", "reg+floor", "box+floor"])
 def test_one_control_recursion_equals_the_general_one(make_problem, monkeypatch, mode):
     """``riccati`` takes a vector shortcut for one control; the general recursion (Cholesky
