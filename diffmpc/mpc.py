@@ -14,6 +14,12 @@ the solution satisfies ``G(z*, theta) = grad_z L = 0``, so ``dz*/dtheta = -K^{-1
 through ``dG/dtheta`` into every tensor and parameter that G depends on (cost, dynamics, x_init,
 bounds). ``K^{-1}`` applied to ``[g; 0]`` is one more LQR solve: ``min 1/2 w'Hw + g'w`` subject
 to the linearized dynamics from ``w_x0 = 0`` with the active controls fixed, and its costate.
+
+Second derivatives: autograd differentiates that first-derivative expression again, which needs
+``z*``'s own dependence on theta inside G. The layer evaluates G at ``z_s = z* + S(G(z*, theta))``
+(``_AtSolution``: z* in value, and z* to first order in theta), i.e. two chord steps of Newton's
+method with the solution's K, exact to second order. A first-order backward skips the inner step:
+the gradient reaching ``z_s`` cancels there (``g + K' w = 0``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ __all__ = ["MPC", "MPCSolution", "BackwardMode", "Unconverged"]
 class BackwardMode(str, Enum):
     """How gradients are computed.
 
-    IMPLICIT: exact implicit differentiation of the KKT conditions (default).
+    IMPLICIT: exact implicit differentiation of the KKT conditions (default). Second derivatives
+        (a backward with ``create_graph=True``, then another) are exact too, w.r.t. every tensor
+        and module parameter the problem reads directly (not tensors an opaque cost or dynamics
+        callable closes over); they cost two more adjoint solves, first derivatives one.
     GAUSS_NEWTON: the same without the dynamics' second-order terms (Amos et al. 2018, as in
         mpc.pytorch): exact for linear dynamics, approximate otherwise.
     UNROLL: autograd through every solver iteration (for checking; memory grows with iterations).
@@ -255,43 +264,57 @@ def _solution(res: IterResult, x, u, obj) -> MPCSolution:
 
 
 class _AdjointSolve(torch.autograd.Function):
-    """Zero in the forward pass; ``-K^{-1} [g; 0]`` in the backward pass.
+    """Zero in the forward pass; ``-K^{-1}`` in the backward pass.
 
     Inputs: data = (H [B, T, p, p], F [B, T-1, n, p], free [B, T, m], gains or None: the
     forward's factorization of the same H, F and free set, if it has one) and the KKT residual
-    blocks Gx [B, T, n], Gu [B, T, m], Glam [B, T, n]. Outputs: dx [B, T, n], du [B, T, m].
+    blocks Gx [B, T, n], Gu [B, T, m], Glam [B, T, n]. Outputs: dx [B, T, n], du [B, T, m],
+    dlam [B, T, n] (the costate's change; only double backward reads it, ``_implicit``).
     """
 
     @staticmethod
     def forward(data, Gx, Gu, Glam):
-        return torch.zeros_like(Gx), torch.zeros_like(Gu)
+        return torch.zeros_like(Gx), torch.zeros_like(Gu), torch.zeros_like(Glam)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         H, F, free, gains = inputs[0]
         ctx.save_for_backward(H, F, free)
         ctx.gains = gains
+        ctx.set_materialize_grads(False)
 
-    # Backward: (w, nu) solves K [w; nu] = -[g; 0]. With the LQR of linear term +g (below),
-    # whose solution w and costate nu satisfy H w + g + J' nu = 0 and J w = 0, we get exactly
-    # (w, nu) = -K^{-1}[g; 0], which is the vector-Jacobian product of S.
+    # Backward: (w, nu) solves K [w; nu] = -[g; h], i.e. H w + J' nu = -g and J w = -h. For
+    # h = 0 that is the LQR of linear term +g (below): its solution w and costate nu satisfy
+    # H w + g + J' nu = 0 and J w = 0. A nonzero h (double backward only) is carried by w_h, the
+    # linearized dynamics driven by h with zero controls (J w_h = -h): then w - w_h solves the
+    # same LQR with the linear term g + H w_h. This is the vector-Jacobian product of S.
     @staticmethod
-    def backward(ctx, gx, gu):
+    def backward(ctx, gx, gu, glam):
+        if gx is None and gu is None and glam is None:
+            return None, None, None, None
         H, F, free = ctx.saved_tensors
         n = F.shape[-2]
         gx = torch.zeros_like(H[..., :n, 0]) if gx is None else gx
         gu = torch.zeros_like(H[..., n:, 0]) if gu is None else gu
         g = torch.cat([gx, gu * free], -1)
+        g_solve, wh = g, None
+        if glam is not None:
+            Fx = None if F.shape[1] == 0 else time_major(F[..., :n])
+            wh = torch.cat([_drive(Fx, glam), torch.zeros_like(gu)], -1)
+            g_solve = matvec(H, wh) + g
+            g_solve = torch.cat([g_solve[..., :n], g_solve[..., n:] * free], -1)
         if ctx.gains is not None:  # the forward's factorization of the same H, F and free set
             gains = ctx.gains
             if torch.is_grad_enabled():  # double backward: autograd may save them, so no
                 gains = _ordinary(gains)  # inference tensors (the forward's solve made them)
-            gains = feedforward(gains, g)
+            gains = feedforward(gains, g_solve)
         else:
-            gains = riccati(H, g, F, None, free=free, expected=False)
+            gains = riccati(H, g_solve, F, None, free=free, expected=False)
         wx, wu = rollout_affine(gains, torch.zeros_like(gx[:, 0]), offsets=False)
-        r = matvec(H, torch.cat([wx, wu], -1)) + g
+        w = torch.cat([wx, wu], -1) if wh is None else torch.cat([wx, wu], -1) + wh
+        r = matvec(H, w) + g
         nu = costate(r[..., :n], None if gains.Fh is None else gains.Fh[:, :, 1:, 1:n + 1])
+        wx, wu = w[..., :n], w[..., n:]
         if not bool(gains.ok.all()):
             warnings.warn("MPC backward: the Hessian of the Lagrangian is not positive definite on "
                           "the free controls for some samples; their gradients are set to zero",
@@ -299,6 +322,68 @@ class _AdjointSolve(torch.autograd.Function):
             ok = gains.ok[:, None, None]
             wx, wu, nu = (torch.where(ok, a, torch.zeros_like(a)) for a in (wx, wu, nu))
         return None, wx, wu, nu
+
+
+def _drive(Fx: Tensor | None, h: Tensor) -> Tensor:
+    """States ``[B, T, n]`` of ``w_0 = h_0``, ``w_{t+1} = Fx_t w_t + h_{t+1}`` (``Fx``
+    time-major ``[T-1, B, n, n]``, None if T = 1)."""
+    ws = [h[:, 0]]
+    for t in range(h.shape[1] - 1):
+        ws.append(torch.baddbmm(h[:, t + 1].unsqueeze(-1), Fx[t],
+                                ws[-1].unsqueeze(-1)).squeeze(-1))
+    return torch.stack(ws, 1)
+
+
+class _AtSolution(torch.autograd.Function):
+    """A copy of one block of the solution ``z* = (x*, u*, lam*)`` whose dependence on the
+    problem's tensors ``thetas`` is evaluated only under double backward.
+
+    Inputs: point (a ``_Point``), k (which block), value, *thetas. In a first-order backward
+    (no create_graph, and none before it: ``_Point.live``) it passes nothing on: the solution's
+    change reaches the layer's outputs through
+    ``tau_out = tau* + S(G(z*, theta))`` alone, and the gradient arriving here sums to zero (up
+    to rounding: the output's direct share cancels the share through G, as ``K' w = -g``).
+    Otherwise it returns the vector-Jacobian product of ``z*(theta)`` to first order,
+    ``z* + S(G(z*, theta))`` (with a graph under create_graph): the layer's outputs are then
+    ``z_s + S(G(z_s, theta))`` with ``z_s`` that first-order solution, two chord steps of
+    Newton's method with the solution's ``K``, exact to second order in theta.
+    """
+
+    @staticmethod
+    def forward(point, k, value, *thetas):
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.point, ctx.k, ctx.n = inputs[0], inputs[1], len(inputs) - 3
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g):
+        graph = torch.is_grad_enabled()  # a backward with create_graph: derivatives to follow
+        ctx.point.live |= graph
+        if g is None or not ctx.point.live:
+            return (None,) * (3 + ctx.n)
+        with torch.enable_grad():
+            dz = ctx.point.first()[ctx.k]
+            grads = torch.autograd.grad(dz, ctx.point.thetas, g, create_graph=graph,
+                                        allow_unused=True)
+        return (None, None, None, *grads)
+
+
+@dataclass
+class _Point:
+    """``first()``: the solution's first-order change ``S(G(z*, theta))`` as (dx, du, dlam);
+    ``thetas``: the tensors requiring grad that G reads; ``live``: a backward with create_graph
+    has run through the layer, so the derivatives of its result (the next backward, which runs
+    without a graph itself) need the solution's dependence on theta too."""
+
+    first: object
+    thetas: tuple
+    live: bool = False
+
+    def at(self, k: int, value: Tensor) -> Tensor:
+        return _AtSolution.apply(self, k, value, *self.thetas)
 
 
 def _active(u: Tensor, lower: Tensor | None, upper: Tensor | None):
@@ -315,14 +400,16 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
     n = x_init.shape[-1]
     x, u = res.x.detach(), res.u.detach()
     lo_act, hi_act = _active(u, lower, upper)
+    held = lo_act | hi_act
     lq = cost.quadratic and dyn.linear
     Fx = None  # state Jacobians, time-major: from the forward's factorization if it has one
     if res.gains is not None and res.gains.Fh is not None:
         Fx = res.gains.Fh[:, :, 1:, 1:n + 1]
+    lam = None  # the costate at the solution (for LQ problems ``_lq_residual`` forms it)
     with torch.no_grad():
         F = dyn.jacobian(x[:, :-1], u[:, :-1])
         Fx = time_major(F[..., :n]) if Fx is None else Fx
-        if lq:  # the costate comes with the residual (``_lq_residual``)
+        if lq:
             H = cost.C
         else:
             H, g = cost.quadratize(x, u)
@@ -331,43 +418,80 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
             lam = costate(g[..., :n], Fx)
             if exact:
                 H = dyn.lagrangian_hessian(H, x, u, lam)
-    with torch.enable_grad():
-        xs, us = x.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    free = ~held
+    reuse = res.gains if (lq and res.gains is not None
+                          and torch.equal(res.gains.free, free)) else None
+    data = (H, F, free, reuse)
+
+    def residual(xs, us, lam_of):
+        """The KKT residual ``(Gx, Gu, Glam)`` at (xs, us) with the costate ``lam_of(lam*)``."""
         u_eff = us if lower is None else torch.where(lo_act, lower, torch.where(hi_act, upper, us))
         if lq:  # the same gradient in closed form (no double backward)
-            Gx, Gu, nxt = _lq_residual(cost, dyn, xs, u_eff, lo_act | hi_act, Fx)
+            Gx, Gu, nxt = _lq_residual(cost, dyn, xs, u_eff, held, Fx, lam_of)
         else:
             nxt = dyn.all(xs[:, :-1], u_eff[:, :-1])
         Glam = torch.cat([(x_init - xs[:, 0]).unsqueeze(1), nxt - xs[:, 1:]], 1)
         if not lq:
-            lagr = cost.value(xs, u_eff).sum() + (lam * Glam).sum()
+            lagr = cost.value(xs, u_eff).sum() + (lam_of(lam) * Glam).sum()
             Gx, Gu = torch.autograd.grad(lagr, (xs, us), create_graph=True,
                                          materialize_grads=True)
-        free = ~(lo_act | hi_act)
-        reuse = res.gains if (lq and res.gains is not None
-                              and torch.equal(res.gains.free, free)) else None
-        dx, du = _AdjointSolve.apply((H, F, free, reuse), Gx, Gu, Glam)
-        x_out = x + dx
-        u_out = u + du
+        return Gx, Gu, Glam
+
+    def leaves():
+        return x.clone().requires_grad_(True), u.clone().requires_grad_(True)
+
+    with torch.enable_grad():
+        thetas = _thetas(x_init, cost, dyn, lower, upper) if exact else ()
+        if thetas:  # z* as a function of theta, evaluated under double backward only
+            point = _Point(lambda: _AdjointSolve.apply(data, *residual(*leaves(), _same)),
+                           thetas)
+            xs, us = point.at(0, x), point.at(1, u)
+            lam_of = lambda l: point.at(2, l)  # noqa: E731
+        else:
+            (xs, us), lam_of = leaves(), _same
+        dx, du, _ = _AdjointSolve.apply(data, *residual(xs, us, lam_of))
+        x_out = xs + dx
+        u_out = us + du
         if lower is not None:
             u_out = torch.where(lo_act, lower, torch.where(hi_act, upper, u_out))
         obj = cost.value(x_out, u_out).sum(-1)
     return x_out, u_out, obj
 
 
-def _lq_residual(cost, dyn, x, u, held, Fx):
+def _same(t):
+    return t
+
+
+def _thetas(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper) -> tuple:
+    """The tensors requiring grad that the KKT residual reads (as it reads them: the cost's and
+    the dynamics' broadcast views, the modules' parameters). A tensor that an opaque callable
+    closes over is not among them: first derivatives w.r.t. it are exact, second ones lack
+    the solution's own dependence on it."""
+    ts = [x_init, lower, upper]
+    for obj in (cost, dyn):
+        if isinstance(obj, TrajCost) and obj.quadratic:
+            ts += [obj.C, obj.c]
+        elif isinstance(obj, TrajDynamics) and obj.linear:
+            ts += [obj.F, obj.f]
+        elif isinstance(obj.raw, nn.Module):
+            ts += list(obj.raw.parameters())
+    return tuple(t for t in ts if isinstance(t, Tensor) and t.requires_grad)
+
+
+def _lq_residual(cost, dyn, x, u, held, Fx, lam_of=_same):
     """Stationarity residual of a linear-quadratic problem and its transitions at (x, u):
     ``Gx [B, T, n]``, ``Gu [B, T, m]`` and ``F_t tau_t + f_t`` ``[B, T-1, n]``.
 
     ``d/dtau_t`` of ``cost + lam' (constraints)``: ``C_t tau_t + c_t + F_t' lam_{t+1} - [lam_t; 0]``
-    (no ``F'`` term at the last step), zero on the controls held at a bound. The costate ``lam``
-    (a constant) comes from the same cost gradient, with the state Jacobians ``Fx``
-    (time-major). ``F tau`` and ``F' lam`` are one ``matvec_pair``: one gradient block for F.
+    (no ``F'`` term at the last step), zero on the controls held at a bound. The costate
+    ``lam_of(lam)`` comes from the same cost gradient, with the state Jacobians ``Fx``
+    (time-major): ``lam`` is that gradient's costate, a constant. ``F tau`` and ``F' lam`` are
+    one ``matvec_pair``: one gradient block for F.
     """
     n = x.shape[-1]
     tau = torch.cat([x, u], -1)
     g = matvec(cost.C, tau, sym=True) + cost.c
-    lam = costate(g.detach()[..., :n], Fx)
+    lam = lam_of(costate(g.detach()[..., :n], Fx))
     if x.shape[1] > 1:
         Ftau, Fl = matvec_pair(dyn.F, tau[:, :-1], lam[:, 1:])
         nxt = Ftau + dyn.f

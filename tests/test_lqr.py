@@ -192,11 +192,15 @@ def test_finite_differences_box(make_problem, box_for_fraction, backward):
     _fd_check(tensors(prob) + list(box_tensors(b, prob)), backward, _losses(prob))
 
 
+@pytest.mark.parametrize("target", ["c", "C", "F"])
 @pytest.mark.parametrize("box", [False, True])
-def test_double_backward_matches_finite_differences(make_problem, box_for_fraction, box):
+def test_double_backward_matches_finite_differences(make_problem, box_for_fraction, box, target):
     """Second derivatives through the implicit backward (create_graph): the derivative in x_init
-    of ``||dL/dc||^2`` against central differences of the first derivative. The forward's
-    factorization, which the backward reuses, must serve a graph here as well."""
+    of ``||dL/d target||^2`` against central differences of the first derivative. The forward's
+    factorization, which the backward reuses, must serve a graph here as well. dL/dC and dL/dF
+    depend on the solution itself (``dL/dC = sym(w tau')``), so their derivative needs the
+    solution's own dependence on x_init inside the backward's graph, which a first-order
+    backward leaves out."""
     prob = make_problem(3, 8, 4, 3, seed=1)
     bounds = ()
     if box:
@@ -207,22 +211,49 @@ def test_double_backward_matches_finite_differences(make_problem, box_for_fracti
     W = torch.randn(B, T, m, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     d = torch.randn(prob.x_init.shape, generator=torch.Generator().manual_seed(14),
                     dtype=torch.float64)
+    k = NAMES.index(target)
 
-    def grad_c(x_init, create_graph=False):
-        x0, C, c, F, f = tensors(prob)
-        c.requires_grad_(True)
-        sol = solve(x_init, C, c, F, f, *bounds)
-        (g,) = torch.autograd.grad((W * sol.u).sum() + sol.u.square().sum(), c,
+    def grad_norm(x_init, create_graph=False):
+        leaves = tensors(prob)
+        leaves[0] = x_init
+        leaves[k].requires_grad_(True)
+        sol = solve(*leaves, *bounds)
+        (g,) = torch.autograd.grad((W * sol.u).sum() + sol.u.square().sum(), leaves[k],
                                    create_graph=create_graph)
         return g.square().sum()
 
     x0 = prob.x_init.clone().requires_grad_(True)
-    (h,) = torch.autograd.grad(grad_c(x0, create_graph=True), x0)
+    (h,) = torch.autograd.grad(grad_norm(x0, create_graph=True), x0)
     eps = 1e-5
-    fd = (grad_c(prob.x_init + eps * d) - grad_c(prob.x_init - eps * d)) / (2 * eps)
+    fd = (grad_norm(prob.x_init + eps * d) - grad_norm(prob.x_init - eps * d)) / (2 * eps)
     got = float((h * d).sum())
     assert abs(got - float(fd)) <= 1e-6 * (1 + abs(float(fd))), (got, float(fd))
     assert abs(got) > 1e-3
+
+
+def test_first_order_backward_runs_one_adjoint_solve(make_problem, monkeypatch):
+    """The second-order machinery costs a first-order backward nothing: one adjoint solve.
+    A backward with create_graph and the one after it solve more (and are checked above)."""
+    import diffmpc.mpc as mpc_mod
+
+    calls = []
+    real = mpc_mod._AdjointSolve.backward
+
+    def counted(ctx, *grads):
+        calls.append(torch.is_grad_enabled())
+        return real(ctx, *grads)
+
+    monkeypatch.setattr(mpc_mod._AdjointSolve, "backward", staticmethod(counted))
+    prob = make_problem(2, 5, 3, 2, seed=0)
+    leaves = tensors(prob, True)
+    sol = solve(*leaves)
+    torch.autograd.grad(sol.u.square().sum(), leaves)
+    assert calls == [False]
+    calls.clear()
+    sol = solve(*leaves)
+    (gC,) = torch.autograd.grad(sol.u.square().sum(), leaves[1], create_graph=True)
+    torch.autograd.grad(gC.square().sum(), leaves[0])
+    assert len(calls) > 2
 
 
 def _mode_grads(prob, bounds):

@@ -199,6 +199,33 @@ def test_gradient_wrt_dynamics_parameters_matches_fd(name, method):
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
+def test_double_backward_wrt_dynamics_parameters_matches_fd(name):
+    """Second derivatives through the implicit backward: the derivative in x_init of
+    ``||dL/d params||^2`` (the physical parameters) against central differences of that first
+    derivative. It needs the solution's and the costate's own dependence on x_init inside the
+    backward's graph (the first derivative goes through the Jacobians and the curvature at the
+    solution)."""
+    x0 = exact_starts(name)
+    prob = Problem(name, x0)
+    prob.well_posed()
+    params = list(prob.system.parameters())
+    d = random_like([x0], 3)[0]
+
+    def grad_norm(x_init, create_graph=False):
+        sol = solve(prob.system, prob.cost, x_init, prob.T, prob.lower, prob.upper,
+                    u_init=prob.u_star)
+        gs = torch.autograd.grad((prob.W * sol.u).sum() + sol.u.square().sum(), params,
+                                 create_graph=create_graph)
+        return sum(g.square().sum() for g in gs)
+
+    x = x0.clone().requires_grad_(True)
+    (h,) = torch.autograd.grad(grad_norm(x, create_graph=True), x)
+    fd = (grad_norm(x0 + FD_STEP * d) - grad_norm(x0 - FD_STEP * d)) / (2 * FD_STEP)
+    got = float((h * d).sum())
+    assert rel_err(got, float(fd)) <= 1e-5, (got, float(fd))
+
+
+@pytest.mark.parametrize("name", SYSTEMS)
 def test_gradient_wrt_cost_parameters_and_x_init_matches_fd(name):
     prob = Problem(name, exact_starts(name))
     prob.well_posed()
