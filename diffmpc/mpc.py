@@ -47,7 +47,8 @@ class BackwardMode(str, Enum):
     IMPLICIT: exact implicit differentiation of the KKT conditions (default). Second derivatives
         (a backward with ``create_graph=True``, then another) are exact too, w.r.t. every tensor
         and module parameter the problem reads directly (not tensors an opaque cost or dynamics
-        callable closes over); they cost two more adjoint solves, first derivatives one.
+        callable closes over); they cost two more adjoint solves, first derivatives one. Third
+        and higher derivatives are not exact.
     GAUSS_NEWTON: the same without the dynamics' second-order terms (Amos et al. 2018, as in
         mpc.pytorch): exact for linear dynamics, approximate otherwise.
     UNROLL: autograd through every solver iteration (for checking; memory grows with iterations).
