@@ -476,7 +476,9 @@ def _thetas(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper) -> tuple:
             ts += [obj.F, obj.f]
         elif isinstance(obj.raw, nn.Module):
             ts += list(obj.raw.parameters())
-    return tuple(t for t in ts if isinstance(t, Tensor) and t.requires_grad)
+    seen = set()  # a parameter that the cost and the dynamics share counts once
+    return tuple(t for t in ts if isinstance(t, Tensor) and t.requires_grad
+                 and not (id(t) in seen or seen.add(id(t))))
 
 
 def _lq_residual(cost, dyn, x, u, held, Fx, lam_of=_same):

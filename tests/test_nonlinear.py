@@ -225,6 +225,45 @@ def test_double_backward_wrt_dynamics_parameters_matches_fd(name):
     assert rel_err(got, float(fd)) <= 1e-5, (got, float(fd))
 
 
+def test_double_backward_with_a_parameter_shared_by_cost_and_dynamics():
+    """A parameter read by both the cost and the dynamics: its second derivatives (through
+    the solution's dependence on it) must count it once."""
+
+    class Dyn(nn.Module):
+        def __init__(self, a):
+            super().__init__()
+            self.a = a
+
+        def forward(self, x, u):
+            return x + 0.1 * torch.stack([x[..., 1], torch.sin(x[..., 0]) * self.a + u[..., 0]], -1)
+
+    class Cost(nn.Module):
+        def __init__(self, a):
+            super().__init__()
+            self.a = a
+
+        def forward(self, x, u):
+            return self.a.square() * x.square().sum(-1) + 0.5 * u.square().sum(-1) + x[..., 0]
+
+    a = nn.Parameter(torch.tensor(0.7, dtype=DT))
+    dyn, cost = Dyn(a), Cost(a)
+    x0 = torch.tensor([[0.3, -0.2], [-0.1, 0.4]], dtype=DT)
+    W = torch.randn(2, 6, 1, generator=torch.Generator().manual_seed(0), dtype=DT)
+    d = random_like([x0], 4)[0]
+
+    def grad_norm(x_init, create_graph=False):
+        mpc = dm.MPC(2, 1, 6, **TIGHT, unconverged="raise")
+        sol = mpc(x_init, cost, dyn)
+        (g,) = torch.autograd.grad((W * sol.u).sum() + sol.u.square().sum(), a,
+                                   create_graph=create_graph)
+        return g.square()
+
+    x = x0.clone().requires_grad_(True)
+    (h,) = torch.autograd.grad(grad_norm(x, create_graph=True), x)
+    fd = (grad_norm(x0 + FD_STEP * d) - grad_norm(x0 - FD_STEP * d)) / (2 * FD_STEP)
+    assert rel_err(float((h * d).sum()), float(fd)) <= 1e-5, (float((h * d).sum()), float(fd))
+
+
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_gradient_wrt_cost_parameters_and_x_init_matches_fd(name):
     prob = Problem(name, exact_starts(name))
