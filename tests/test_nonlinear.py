@@ -225,6 +225,33 @@ def test_double_backward_wrt_dynamics_parameters_matches_fd(name):
     assert rel_err(got, float(fd)) <= 1e-5, (got, float(fd))
 
 
+def test_double_backward_wrt_bound_tensors_matches_fd():
+    """The pendulum with 30 % of its controls at a bound: the derivative in x_init of
+    ``||dL/d(bounds)||^2``, the bounds being tensors (they enter the solution through the held
+    controls)."""
+    system = make_system("pendulum")
+    x0 = exact_starts("pendulum")
+    T = 20
+    lo, hi = (torch.full((x0.shape[0], T, 1), v, dtype=DT, requires_grad=True)
+              for v in (float(system.u_lower), float(system.u_upper)))
+    sol = solve(system, system.default_cost(), x0, T, lo, hi)
+    assert_well_posed(system, system.default_cost(), x0, sol, lo, hi)
+    held = (sol.u.detach() - lo.detach()).abs().le(1e-9) | (sol.u.detach() - hi.detach()).abs().le(1e-9)
+    assert 0.1 <= float(held.double().mean()) <= 0.6
+    W, u_star, d = loss_weights(sol.u), sol.u.detach(), random_like([x0], 3)[0]
+
+    def grad_norm(x_init, create_graph=False):
+        s = solve(system, system.default_cost(), x_init, T, lo, hi, u_init=u_star)
+        gs = torch.autograd.grad((W * s.u).sum() + s.u.square().sum(), [lo, hi],
+                                 create_graph=create_graph)
+        return sum(g.square().sum() for g in gs)
+
+    x = x0.clone().requires_grad_(True)
+    (h,) = torch.autograd.grad(grad_norm(x, create_graph=True), x)
+    fd = (grad_norm(x0 + FD_STEP * d) - grad_norm(x0 - FD_STEP * d)) / (2 * FD_STEP)
+    assert rel_err(float((h * d).sum()), float(fd)) <= 1e-5, (float((h * d).sum()), float(fd))
+
+
 def test_double_backward_with_a_parameter_shared_by_cost_and_dynamics():
     """A parameter read by both the cost and the dynamics: its second derivatives (through
     the solution's dependence on it) must count it once."""
