@@ -29,6 +29,7 @@ from diffmpc.lqr import (
     costate,
     homogeneous_cost,
     homogeneous_dynamics,
+    reusable_cost,
     riccati,
     rollout_affine,
     time_major,
@@ -405,9 +406,11 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     step = u0.new_zeros(B)
     act = torch.arange(B, device=u0.device)
     K = L = free_all = None  # set by the first pass, which always covers the whole batch
-    # the whole batch's homogeneous cost and dynamics: built once, the linear terms and offsets
-    # rewritten for each pass (no reader of an earlier pass's Fh uses its offsets)
+    # the whole batch's homogeneous cost (unless it would be much larger than C: a broadcast C)
+    # and dynamics: built once, the linear terms and offsets rewritten for each pass (no reader
+    # of an earlier pass's Fh uses its offsets)
     Ch = Fh = None
+    keep_ch = reusable_cost(cost.C)
     for _ in range(max_iter):
         # a pass covers the whole batch while more than half of it is active: the finished
         # samples' share of the pass (it reproduces their result) costs less than copying C and F
@@ -422,13 +425,14 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         c_eff = c_sub.c + (c_sub.C[..., n:] @ val.unsqueeze(-1)).squeeze(-1)
         d_eff = d_sub.f + (d_sub.F[..., n:] @ val[:, :-1].unsqueeze(-1)).squeeze(-1)
         if whole:
-            if Ch is None:
-                Ch = homogeneous_cost(cost.C, c_eff)
-                Fh = homogeneous_dynamics(dyn.F, d_eff) if T > 1 else None
-            else:
+            if Ch is not None:
                 Ch[..., 0, 1:] = Ch[..., 1:, 0] = c_eff.transpose(0, 1)
-                if Fh is not None:
-                    Fh[..., 1:, 0] = d_eff.transpose(0, 1)
+            elif keep_ch:
+                Ch = homogeneous_cost(cost.C, c_eff)
+            if Fh is not None:
+                Fh[..., 1:, 0] = d_eff.transpose(0, 1)
+            elif T > 1:
+                Fh = homogeneous_dynamics(dyn.F, d_eff)
         gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free, expected=False,
                         Fh=Fh if whole else None, Ch=Ch if whole else None)
         xs, us = rollout_affine(gains, sub(x_init))

@@ -88,6 +88,15 @@ def _control_step(Quu, R, t, lower, upper, free):
     return torch.cholesky_solve(R, L).neg(), f, info, L
 
 
+def reusable_cost(C: Tensor) -> bool:
+    """Whether ``homogeneous_cost`` of ``C [B, T, p, p]`` may be kept for several passes: it
+    holds ``B T (p+1)^2`` numbers, allowed up to ``_CH_MAX_BYTES`` or twice what C's own storage
+    holds (a C broadcast from one matrix holds little)."""
+    B, T, p = C.shape[0], C.shape[1], C.shape[-1]
+    size = B * T * (p + 1) ** 2 * C.element_size()
+    return size <= max(_CH_MAX_BYTES, 2 * C.untyped_storage().nbytes())
+
+
 def homogeneous_cost(C: Tensor, c: Tensor) -> Tensor:
     """``[[0, c'], [c, C]]``, time-major ``[T, B, p+1, p+1]``: the cost ``1/2 tau' C tau + c' tau``
     as the quadratic form ``1/2 [1; tau]' Ch [1; tau]``."""

@@ -488,12 +488,19 @@ def test_mostly_clamped_box_is_solved_by_the_active_set_passes(make_problem, ref
     assert float(sol.u.abs().max()) <= b
 
 
-def test_active_set_passes_over_part_of_the_batch_equal_one_by_one(make_problem, reference):
+@pytest.mark.parametrize("keep_cost", [True, False])
+def test_active_set_passes_over_part_of_the_batch_equal_one_by_one(make_problem, reference,
+                                                                   monkeypatch, keep_cost):
     """Samples finish their active-set passes after different counts. A pass covers the whole
     batch while more than half of it is active (the finished samples' rows are recomputed and
-    dropped), then only the active rows; the homogeneous cost and dynamics are built once and
-    their linear terms rewritten per pass. Each sample's solution, pass count, last step and
-    gradients must be those of its own solve."""
+    dropped), then only the active rows; the homogeneous dynamics, and the cost unless it would
+    be too large (``keep_cost``), are built once and their linear terms rewritten per pass.
+    Each sample's solution, pass count, last step and gradients must be those of its own
+    solve."""
+    import diffmpc.ilqr as ilqr
+
+    if not keep_cost:
+        monkeypatch.setattr(ilqr, "reusable_cost", lambda C: False)
     prob = make_problem(12, 20, 6, 3, seed=0)
     B, T, n, m = prob.sizes
     b = 0.3 * float(reference(prob).u.abs().median())
