@@ -25,14 +25,14 @@ class _MatVec(torch.autograd.Function):
     """``A x`` or ``A' x`` for ``A [..., r, c]``; see ``matvec``."""
 
     @staticmethod
-    def forward(A, x, sym, trans):
+    def forward(A, x, sym, trans, need_x):
         return ((A.mT if trans else A) @ x.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        A, x, sym, trans = inputs
+        A, x, sym, trans, need_x = inputs
         ctx.save_for_backward(A, x)
-        ctx.sym, ctx.trans = sym, trans
+        ctx.sym, ctx.trans, ctx.need_x = sym, trans, need_x
 
     @staticmethod
     def backward(ctx, g):
@@ -46,35 +46,39 @@ class _MatVec(torch.autograd.Function):
                 gA = x.unsqueeze(-1) * g.unsqueeze(-2)
             else:
                 gA = g.unsqueeze(-1) * x.unsqueeze(-2)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and (ctx.need_x is None or ctx.need_x()):
             gx = matvec(A, g, trans=not ctx.trans)
-        return gA, gx, None, None
+        return gA, gx, None, None, None
 
 
-def matvec(A: Tensor, x: Tensor, sym: bool = False, trans: bool = False) -> Tensor:
+def matvec(A: Tensor, x: Tensor, sym: bool = False, trans: bool = False,
+           need_x=None) -> Tensor:
     """Batched ``A x`` (or ``A' x`` if ``trans``) for ``A [..., r, c]`` and x with the same
     leading dims.
 
     The gradient w.r.t. A is formed as an outer product by broadcasting, in A's own layout:
     autograd's batched-matmul backward forms it with one tiny GEMM per matrix, several times
     slower. ``sym=True`` declares A symmetric: its gradient is then symmetrized,
-    ``(g x' + x g') / 2``, the gradient of a function of a symmetric matrix.
+    ``(g x' + x g') / 2``, the gradient of a function of a symmetric matrix. ``need_x``: None,
+    or a function that the backward asks whether x's gradient is needed at all (the implicit
+    backward's solution point, whose gradient a first-order backward drops).
     """
     if A.shape[:-2] != x.shape[:-1]:
         return ((A.mT if trans else A) @ x.unsqueeze(-1)).squeeze(-1)
-    return _MatVec.apply(A, x, sym, trans)
+    return _MatVec.apply(A, x, sym, trans, need_x)
 
 
 class _MatVecPair(torch.autograd.Function):
     """``(A x, A' y)`` for ``A [..., r, c]``; see ``matvec_pair``."""
 
     @staticmethod
-    def forward(A, x, y):
+    def forward(A, x, y, need_x):
         return (A @ x.unsqueeze(-1)).squeeze(-1), (A.mT @ y.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs[:3])
+        ctx.need_x = inputs[3]
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -87,19 +91,19 @@ class _MatVecPair(torch.autograd.Function):
             if gAty is not None:
                 gA = (y.unsqueeze(-1) * gAty.unsqueeze(-2) if gA is None
                       else gA.addcmul_(y.unsqueeze(-1), gAty.unsqueeze(-2)))
-        if ctx.needs_input_grad[1] and gAx is not None:
+        if ctx.needs_input_grad[1] and gAx is not None and (ctx.need_x is None or ctx.need_x()):
             gx = matvec(A, gAx, trans=True)
         if ctx.needs_input_grad[2] and gAty is not None:
             gy = matvec(A, gAty)
-        return gA, gx, gy
+        return gA, gx, gy, None
 
 
-def matvec_pair(A: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def matvec_pair(A: Tensor, x: Tensor, y: Tensor, need_x=None) -> tuple[Tensor, Tensor]:
     """``(A x, A' y)`` for ``A [..., r, c]``, ``x [..., c]``, ``y [..., r]`` with A's leading
     dims. As two ``matvec`` calls, except that the gradient w.r.t. A is one tensor formed in
     place (``gAx x' + y gAty'``) instead of two that autograd then adds: A may be large (the
-    dynamics Jacobians of a whole batch of trajectories)."""
-    return _MatVecPair.apply(A, x, y)
+    dynamics Jacobians of a whole batch of trajectories). ``need_x``: as in ``matvec``."""
+    return _MatVecPair.apply(A, x, y, need_x)
 
 
 def _replicate(z: Tensor, r: int) -> Tensor:

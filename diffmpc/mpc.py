@@ -386,6 +386,11 @@ class _Point:
     def at(self, k: int, value: Tensor) -> Tensor:
         return _AtSolution.apply(self, k, value, *self.thetas)
 
+    def needed(self) -> bool:
+        """In a backward: whether gradients w.r.t. the solution point will be used (a backward
+        with create_graph, or one after it)."""
+        return self.live or torch.is_grad_enabled()
+
 
 def _active(u: Tensor, lower: Tensor | None, upper: Tensor | None):
     if lower is None:
@@ -424,11 +429,11 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
                           and torch.equal(res.gains.free, free)) else None
     data = (H, F, free, reuse)
 
-    def residual(xs, us, lam_of):
+    def residual(xs, us, lam_of, need_tau=None):
         """The KKT residual ``(Gx, Gu, Glam)`` at (xs, us) with the costate ``lam_of(lam*)``."""
         u_eff = us if lower is None else torch.where(lo_act, lower, torch.where(hi_act, upper, us))
         if lq:  # the same gradient in closed form (no double backward)
-            Gx, Gu, nxt = _lq_residual(cost, dyn, xs, u_eff, held, Fx, lam_of)
+            Gx, Gu, nxt = _lq_residual(cost, dyn, xs, u_eff, held, Fx, lam_of, need_tau)
         else:
             nxt = dyn.all(xs[:, :-1], u_eff[:, :-1])
         Glam = torch.cat([(x_init - xs[:, 0]).unsqueeze(1), nxt - xs[:, 1:]], 1)
@@ -443,14 +448,19 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
 
     with torch.enable_grad():
         thetas = _thetas(x_init, cost, dyn, lower, upper) if exact else ()
+        need_tau = None
         if thetas:  # z* as a function of theta, evaluated under double backward only
             point = _Point(lambda: _AdjointSolve.apply(data, *residual(*leaves(), _same)),
                            thetas)
             xs, us = point.at(0, x), point.at(1, u)
             lam_of = lambda l: point.at(2, l)  # noqa: E731
+            # (x, u)'s gradient ends at the solution point, which a first-order backward drops;
+            # with bounds requiring grad it reaches them too (through the held controls)
+            if not any(b is not None and b.requires_grad for b in (lower, upper)):
+                need_tau = point.needed
         else:
             (xs, us), lam_of = leaves(), _same
-        dx, du, _ = _AdjointSolve.apply(data, *residual(xs, us, lam_of))
+        dx, du, _ = _AdjointSolve.apply(data, *residual(xs, us, lam_of, need_tau))
         x_out = xs + dx
         u_out = us + du
         if lower is not None:
@@ -481,7 +491,7 @@ def _thetas(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper) -> tuple:
                  and not (id(t) in seen or seen.add(id(t))))
 
 
-def _lq_residual(cost, dyn, x, u, held, Fx, lam_of=_same):
+def _lq_residual(cost, dyn, x, u, held, Fx, lam_of=_same, need_tau=None):
     """Stationarity residual of a linear-quadratic problem and its transitions at (x, u):
     ``Gx [B, T, n]``, ``Gu [B, T, m]`` and ``F_t tau_t + f_t`` ``[B, T-1, n]``.
 
@@ -489,14 +499,14 @@ def _lq_residual(cost, dyn, x, u, held, Fx, lam_of=_same):
     (no ``F'`` term at the last step), zero on the controls held at a bound. The costate
     ``lam_of(lam)`` comes from the same cost gradient, with the state Jacobians ``Fx``
     (time-major): ``lam`` is that gradient's costate, a constant. ``F tau`` and ``F' lam`` are
-    one ``matvec_pair``: one gradient block for F.
+    one ``matvec_pair``: one gradient block for F. ``need_tau``: see ``matvec``.
     """
     n = x.shape[-1]
     tau = torch.cat([x, u], -1)
-    g = matvec(cost.C, tau, sym=True) + cost.c
+    g = matvec(cost.C, tau, sym=True, need_x=need_tau) + cost.c
     lam = lam_of(costate(g.detach()[..., :n], Fx))
     if x.shape[1] > 1:
-        Ftau, Fl = matvec_pair(dyn.F, tau[:, :-1], lam[:, 1:])
+        Ftau, Fl = matvec_pair(dyn.F, tau[:, :-1], lam[:, 1:], need_tau)
         nxt = Ftau + dyn.f
         g = g + torch.cat([Fl, torch.zeros_like(g[:, :1])], 1)
     else:  # T = 1: no transition
