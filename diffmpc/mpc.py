@@ -189,7 +189,7 @@ class MPC(nn.Module):
         else:
             res = _solve(x_init, cost_a, dyn_a, u0, lower_c, upper_c, self.options,
                          probe_saddles=u_init is None)
-            if torch.is_grad_enabled() and _needs_grad(x_init, cost, dynamics, lower, upper):
+            if torch.is_grad_enabled() and _needs_grad(x_init, cost_a, dyn_a, lower, upper):
                 x, u, obj = _implicit(x_init, cost_a, dyn_a, res, lower, upper,
                                       mode == BackwardMode.IMPLICIT, self.options)
                 sol = _solution(res, x, u, obj)
@@ -473,12 +473,11 @@ def _same(t):
     return t
 
 
-def _thetas(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper) -> tuple:
-    """The tensors requiring grad that the KKT residual reads (as it reads them: the cost's and
-    the dynamics' broadcast views, the modules' parameters). A tensor that an opaque callable
-    closes over is not among them: first derivatives w.r.t. it are exact, second ones lack
-    the solution's own dependence on it."""
-    ts = [x_init, lower, upper]
+def _problem_tensors(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper):
+    """The tensors the problem reads, as the KKT residual reads them (the cost's and the
+    dynamics' broadcast views, the modules' parameters), and whether the cost or the dynamics is
+    an opaque callable (which may close over more)."""
+    ts, opaque = [x_init, lower, upper], False
     for obj in (cost, dyn):
         if isinstance(obj, TrajCost) and obj.quadratic:
             ts += [obj.C, obj.c]
@@ -486,9 +485,18 @@ def _thetas(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper) -> tuple:
             ts += [obj.F, obj.f]
         elif isinstance(obj.raw, nn.Module):
             ts += list(obj.raw.parameters())
+        else:
+            opaque = True
+    return [t for t in ts if isinstance(t, Tensor)], opaque
+
+
+def _thetas(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper) -> tuple:
+    """The tensors requiring grad that the KKT residual reads (``_problem_tensors``). A tensor
+    that an opaque callable closes over is not among them: first derivatives w.r.t. it are
+    exact, second ones lack the solution's own dependence on it."""
     seen = set()  # a parameter that the cost and the dynamics share counts once
-    return tuple(t for t in ts if isinstance(t, Tensor) and t.requires_grad
-                 and not (id(t) in seen or seen.add(id(t))))
+    return tuple(t for t in _problem_tensors(x_init, cost, dyn, lower, upper)[0]
+                 if t.requires_grad and not (id(t) in seen or seen.add(id(t))))
 
 
 def _lq_residual(cost, dyn, x, u, held, Fx, lam_of=_same, need_tau=None):
@@ -589,15 +597,7 @@ def _check_options(o: SolverOptions) -> None:
                          f"got {o.line_search_decay!r}")
 
 
-def _needs_grad(x_init, cost, dynamics, lower, upper) -> bool:
-    tensors = [x_init, lower, upper]
-    for obj in (cost, dynamics):
-        if isinstance(obj, QuadCost):
-            tensors += [obj.C, obj.c]
-        elif isinstance(obj, LinearDynamics):
-            tensors += [obj.F, obj.f]
-        elif isinstance(obj, nn.Module):
-            tensors += list(obj.parameters())
-        else:
-            return True  # an opaque callable may close over tensors that require grad
-    return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+def _needs_grad(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper) -> bool:
+    tensors, opaque = _problem_tensors(x_init, cost, dyn, lower, upper)
+    # an opaque callable may close over tensors that require grad
+    return opaque or any(t.requires_grad for t in tensors)
