@@ -467,8 +467,6 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         rest = (~conv).nonzero().squeeze(1)
         x = x.index_put((rest,), rollout(dyn.subset(rest), x_init[rest], u[rest]))
         return x, u, conv, iters, step, None
-    if L is None:  # T = 1: no dynamics, nothing for the backward to reuse
-        return x, u, conv, iters, step, None
     gains = Gains(K, torch.zeros_like(u), free_all, None, torch.ones_like(conv), L, Fh)
     return x, u, conv, iters, step, gains
 
