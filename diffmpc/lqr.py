@@ -88,13 +88,17 @@ def _control_step(Quu, R, t, lower, upper, free):
     return torch.cholesky_solve(R, L).neg(), f, info, L
 
 
-def reusable_cost(C: Tensor) -> bool:
-    """Whether ``homogeneous_cost`` of ``C [B, T, p, p]`` may be kept for several passes: it
-    holds ``B T (p+1)^2`` numbers, allowed up to ``_CH_MAX_BYTES`` or twice what C's own storage
-    holds (a C broadcast from one matrix holds little)."""
+def _ch_bytes(C: Tensor) -> int:
+    """Bytes of ``homogeneous_cost`` for ``C [B, T, p, p]``: ``B T (p+1)^2`` numbers."""
     B, T, p = C.shape[0], C.shape[1], C.shape[-1]
-    size = B * T * (p + 1) ** 2 * C.element_size()
-    return size <= max(_CH_MAX_BYTES, 2 * C.untyped_storage().nbytes())
+    return B * T * (p + 1) ** 2 * C.element_size()
+
+
+def reusable_cost(C: Tensor) -> bool:
+    """Whether ``homogeneous_cost`` of ``C [B, T, p, p]`` may be kept for several passes: up to
+    ``_CH_MAX_BYTES`` or twice what C's own storage holds (a C broadcast from one matrix holds
+    little)."""
+    return _ch_bytes(C) <= max(_CH_MAX_BYTES, 2 * C.untyped_storage().nbytes())
 
 
 def homogeneous_cost(C: Tensor, c: Tensor) -> Tensor:
@@ -164,7 +168,7 @@ def riccati(
         Fh = homogeneous_dynamics(F, d)
     # small problems: Ch for all steps at once (one fused product per step); large ones: C_t and
     # c_t added per step (Ch would be a fresh, page-faulted block of memory at every call)
-    if Ch is None and B * T * (p + 1) ** 2 * C.element_size() < _CH_MAX_BYTES:
+    if Ch is None and _ch_bytes(C) < _CH_MAX_BYTES:
         Ch = homogeneous_cost(C, c)
     Khs, frees, infos, qus, Quus, Ls = ([None] * T for _ in range(6))
     # Without regularization K and k minimize the step's model on the free controls, so the value
