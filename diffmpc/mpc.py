@@ -297,13 +297,15 @@ class _AdjointSolve(torch.autograd.Function):
         n = F.shape[-2]
         gx = torch.zeros_like(H[..., :n, 0]) if gx is None else gx
         gu = torch.zeros_like(H[..., n:, 0]) if gu is None else gu
-        g = torch.cat([gx, gu * free], -1)
+        def unheld(v):  # zero on the held controls, whose rows the bounds replace
+            return torch.cat([v[..., :n], v[..., n:] * free], -1)
+
+        g = unheld(torch.cat([gx, gu], -1))
         g_solve, wh = g, None
         if glam is not None:
             Fx = None if F.shape[1] == 0 else time_major(F[..., :n])
             wh = torch.cat([_drive(Fx, glam), torch.zeros_like(gu)], -1)
-            g_solve = matvec(H, wh) + g
-            g_solve = torch.cat([g_solve[..., :n], g_solve[..., n:] * free], -1)
+            g_solve = unheld(matvec(H, wh) + g)
         if ctx.gains is not None:  # the forward's factorization of the same H, F and free set
             gains = ctx.gains
             if torch.is_grad_enabled():  # double backward: autograd may save them, so no
@@ -312,7 +314,9 @@ class _AdjointSolve(torch.autograd.Function):
         else:
             gains = riccati(H, g_solve, F, None, free=free, expected=False)
         wx, wu = rollout_affine(gains, torch.zeros_like(gx[:, 0]), offsets=False)
-        w = torch.cat([wx, wu], -1) if wh is None else torch.cat([wx, wu], -1) + wh
+        w = torch.cat([wx, wu], -1)
+        if wh is not None:
+            w = w + wh
         r = matvec(H, w) + g
         nu = costate(r[..., :n], None if gains.Fh is None else gains.Fh[:, :, 1:, 1:n + 1])
         wx, wu = w[..., :n], w[..., n:]
