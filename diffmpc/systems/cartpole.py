@@ -88,14 +88,18 @@ class Cartpole(nn.Module):
     def l(self) -> Tensor:
         return self.log_l.exp()
 
+    def _masses(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(m_pole, l, 1 / (m_cart + m_pole))``."""
+        mp = self.m_pole
+        return mp, self.l, (self.m_cart + mp).reciprocal()
+
     def accel(self, cos_th: Tensor, sin_th: Tensor, thdot: Tensor, force: Tensor):
         """Cart and pole accelerations ``(pddot, thddot)`` ``[...]`` from ``[...]`` tensors.
 
         (Written in fused operations: the solver evaluates the model thousands of times per
         solve on small batches, where each operation costs its dispatch.)
         """
-        mp, l = self.m_pole, self.l
-        inv_M = (self.m_cart + mp).reciprocal()
+        mp, l, inv_M = self._masses()
         mpl = mp * l
         a = torch.addcmul(force, mpl * sin_th, thdot * thdot) * inv_M
         denom = l * (4.0 / 3.0 - (mp * inv_M) * (cos_th * cos_th))
@@ -140,8 +144,7 @@ class Cartpole(nn.Module):
         _, _, c, s, w = x.unbind(-1)
         F = u[..., 0]
         dt = self.dt
-        mp, l = self.m_pole, self.l
-        inv_M = (self.m_cart + mp).reciprocal()
+        mp, l, inv_M = self._masses()
         mu, k = mp * l * inv_M, mp * inv_M
         a = inv_M * F + mu * s * w * w
         D = l * (4.0 / 3.0 - k * c * c)

@@ -80,9 +80,14 @@ class Pendulum(nn.Module):
     def l(self) -> Tensor:
         return self.log_l.exp()
 
+    def _coeffs(self) -> tuple[Tensor, Tensor]:
+        """``(alpha, beta)`` of ``thddot = alpha sin th + beta u``."""
+        return 1.5 * self.g / self.l, 3.0 / (self.m * self.l**2)
+
     def accel(self, sin_th: Tensor, torque: Tensor) -> Tensor:
         """Angular acceleration ``thddot [...]`` from ``sin th [...]`` and ``torque [...]``."""
-        return 1.5 * self.g / self.l * sin_th + 3.0 * torque / (self.m * self.l**2)
+        alpha, beta = self._coeffs()
+        return alpha * sin_th + beta * torque
 
     def _qdot(self, q: Tensor, u: Tensor) -> Tensor:
         """``q = [th, thdot] [..., 2]``, ``u [..., 1]`` -> ``[thdot, thddot] [..., 2]``."""
@@ -108,8 +113,7 @@ class Pendulum(nn.Module):
         the Hessian entries of ``atan2`` (``angle_derivatives``)."""
         c, s, w = x.unbind(-1)
         dt = self.dt
-        alpha = 1.5 * self.g / self.l  # thddot = alpha sin th + beta u
-        beta = 3.0 / (self.m * self.l**2)
+        alpha, beta = self._coeffs()
         w_n = w + dt * (alpha * s + beta * u[..., 0])
         th_n = torch.atan2(s, c) + dt * w_n
         d_c, d_s, h_cc, h_cs, h_ss = angle_derivatives(c, s)
