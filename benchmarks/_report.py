@@ -58,6 +58,20 @@ def ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
 
 
+def option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--option``: the value as an int, a float, True/False/None or text."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--option: expected KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    lowered = {"true": True, "false": False, "none": None}
+    return key, lowered.get(value.lower(), value)
+
+
 def progress(columns: list[str], cells: list[str]) -> str:
     """One ``column=value`` line per configuration, printed while a benchmark runs."""
     return "  ".join(f"{c}={v}" for c, v in zip(columns, cells, strict=True))

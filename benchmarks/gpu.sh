@@ -10,6 +10,7 @@
 # importable (pip install -e . or PYTHONPATH=.); mpc.pytorch (the `mpc` package, installed with
 # --no-deps or on PYTHONPATH) for the reference columns. No Gymnasium or pybullet needed.
 # DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh runs the same steps on tiny sizes on the CPU.
+# STEPS="test_cuda solver" runs only the steps named (default: all of them).
 set -u
 OUT=${1:-gpu-results}
 DEVICE=${DEVICE:-cuda}
@@ -19,11 +20,13 @@ export PYTHONUNBUFFERED=1
 if [ -n "${QUICK:-}" ]; then
     LQR=4x10 NL=2x20 ITERS=1,4 REPS=1
 else
-    LQR=256x50 NL=1x20,256x20,256x50 ITERS=1,4,16,64 REPS=3
+    LQR=256x50,1024x50 NL=1x20,256x20,256x50 ITERS=1,4,16,64 REPS=3
 fi
 status=0
+STEPS=${STEPS:-test_cuda solver solver_sequential nonlinear implicit}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log
     local name=$1 limit=$2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     shift 2
     echo "== $name: $*"
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
@@ -38,6 +41,9 @@ step test_cuda 60 env DIFFMPC_TEST_DEVICE="$DEVICE" $PY -m pytest -q -p no:cache
     tests/test_cuda.py
 step solver 120 $PY benchmarks/solver_speed.py --device "$DEVICE" --sizes "$LQR" --no-cvxpy \
     --ref-budget 10 --out "$OUT/solver.md"
+# the same LQ solves with the sequential recursions instead of the CUDA default's scans over time
+step solver_sequential 60 $PY benchmarks/solver_speed.py --device "$DEVICE" --sizes "$LQR" \
+    --no-reference --no-cvxpy --option time_parallel=false --out "$OUT/solver_sequential.md"
 step nonlinear 240 $PY benchmarks/nonlinear_speed.py --device "$DEVICE" --sizes "$NL" \
     --reps "$REPS" --ref-budget 10 --out "$OUT/nonlinear.md"
 step implicit 90 $PY benchmarks/implicit_vs_unroll.py --device "$DEVICE" --iters "$ITERS" \

@@ -283,19 +283,6 @@ def markdown(rows: list[dict], header: str) -> str:
 # ------------------------------------------------------------------------------------ CLI
 
 
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--option: expected KEY=VALUE, got {text!r}")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    lowered = {"true": True, "false": False, "none": None}
-    return key, lowered.get(value.lower(), value)
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, 2 repetitions")
@@ -308,7 +295,7 @@ def parse_args(argv=None):
                     help="cpu (default) or cuda[:N]: both solvers run there")
     ap.add_argument("--ref-budget", type=float, default=60.0,
                     help="seconds per configuration for mpc.pytorch; fewer repetitions past it")
-    ap.add_argument("--option", type=_option, action="append", default=[],
+    ap.add_argument("--option", type=_report.option, action="append", default=[],
                     help="a diffmpc solver option KEY=VALUE (repeatable), e.g. max_iter=100")
     ap.add_argument("--autograd", action="store_true",
                     help="diffmpc differentiates the model with autograd instead of using its "

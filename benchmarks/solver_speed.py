@@ -189,12 +189,13 @@ def _cvxpy_solve(cp, prob: Problem, b: int, box: bool, fixed) -> torch.Tensor:
 def bench_config(B: int, T: int, box: bool, args, ref_time_hint: float | None) -> dict:
     prob = make_problem(B, T, seed=args.seed, device=args.device)
     row = {"B": B, "T": T, "box": box}
-    run_diffmpc(prob, T, box, True)  # warm-up
+    opts = args.options
+    run_diffmpc(prob, T, box, True, **opts)  # warm-up
     def leaves(time_first: bool, grad: bool):
         return lambda: _leaves(prob, time_first, grad)
 
-    fns = {"d_fwd": (leaves(False, False), lambda lv: run_diffmpc(prob, T, box, False, lv)),
-           "d_fb": (leaves(False, True), lambda lv: run_diffmpc(prob, T, box, True, lv))}
+    fns = {"d_fwd": (leaves(False, False), lambda lv: run_diffmpc(prob, T, box, False, lv, **opts)),
+           "d_fb": (leaves(False, True), lambda lv: run_diffmpc(prob, T, box, True, lv, **opts))}
     if args.no_reference:
         pass
     elif ref_time_hint is not None and ref_time_hint > args.ref_budget:
@@ -287,6 +288,8 @@ def parse_args(argv=None):
                          "(linearly in B) to take longer than this is skipped")
     ap.add_argument("--conv-tol", type=float, default=1e-5,
                     help="a mpc.pytorch sample is solved if max |u - u_ref| <= this")
+    ap.add_argument("--option", type=_report.option, action="append", default=[],
+                    help="a diffmpc solver option KEY=VALUE (repeatable), e.g. time_parallel=true")
     ap.add_argument("--no-reference", action="store_true", help="time diffmpc only")
     ap.add_argument("--no-cvxpy", dest="cvxpy", action="store_false",
                     help="skip checking the reference solution against cvxpy")
@@ -297,6 +300,7 @@ def parse_args(argv=None):
         args.reps = 2 if args.quick else 5
     if args.sizes is None:
         args.sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    args.options = dict(args.option)
     return args
 
 
@@ -305,7 +309,8 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     boxes = {"both": [False, True], "on": [True], "off": [False]}[args.box]
     print(f"solver_speed: n={N_STATE}, m={N_CTRL}, float64, {_report.device_name(args.device)}, "
-          f"reps={args.reps}, mpc.pytorch lqr_iter={args.lqr_iter}", flush=True)
+          f"reps={args.reps}, mpc.pytorch lqr_iter={args.lqr_iter}, "
+          f"diffmpc options: {args.options or 'defaults'}", flush=True)
     rows, last_fb = [], {}
     for B, T in args.sizes:
         for box in boxes:
@@ -318,7 +323,7 @@ def main(argv=None) -> list[dict]:
             print(_report.progress(COLUMNS, _fmt(row)), flush=True)
     header = (f"Solver speed (n={N_STATE}, m={N_CTRL}, float64, {_report.device_name(args.device)}, "
               f"median of {args.reps}; mpc.pytorch lqr_iter={args.lqr_iter}; "
-              f"box: |u| <= {BOUND})")
+              f"box: |u| <= {BOUND}; diffmpc options: {args.options or 'defaults'})")
     _report.publish(markdown(rows, header), args.out)
     return rows
 

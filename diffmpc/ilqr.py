@@ -57,6 +57,11 @@ class SolverOptions:
         psd_floor: eigenvalue floor that makes non-convex cost Hessians positive definite in the
             Gauss-Newton steps of the forward solve (eigenvalues below it are raised to it);
             Newton steps use the exact Hessian with the control blocks floored instead.
+        time_parallel: compute the Riccati passes of linear-quadratic solves (unconstrained, the
+            active-set passes, the implicit backward), their rollouts and the costates as scans
+            over time (``diffmpc.parallel``): about ``log2 T`` levels of batched operations
+            instead of T sequential steps, for more arithmetic. None: on CUDA tensors, where
+            each operation costs a kernel launch. The box-DDP steps stay sequential.
     """
 
     max_iter: int = 50
@@ -68,6 +73,11 @@ class SolverOptions:
     reg_max: float = 1e8
     psd_floor: float = 1e-8
     second_order: bool = True
+    time_parallel: bool | None = None
+
+    def parallel_for(self, ref: Tensor) -> bool:
+        """``time_parallel`` resolved for tensors like ``ref``."""
+        return ref.is_cuda if self.time_parallel is None else self.time_parallel
 
 
 @dataclass
@@ -267,7 +277,7 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
         if cand.numel() > 0:
             Fh = None if gains.Fh is None else gains.Fh[:, cand]
             ok = _kkt_satisfied(cost.subset(cand), Fh, x_new[cand], u_new[cand], lower[cand],
-                                upper[cand])
+                                upper[cand], opts.parallel_for(x))
             conv = conv.index_put((cand,), ok)
     if opts.second_order and not (dyn.linear and cost.quadratic):
         # a stationary initial iterate can be a saddle or a maximum (a pendulum hanging at rest
@@ -331,16 +341,17 @@ def _leave_saddle(x_init, cost, dyn, x, u, J, idx, lower, upper, scale):
     return x, u, J, left.index_put((k,), moved)
 
 
-def _grad_u(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+def _grad_u(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor,
+            parallel: bool = False) -> tuple[Tensor, Tensor]:
     """Gradient of the Lagrangian in u of a linear-quadratic problem at (x, u), where x follows
     the dynamics: ``C tau + c + F_u' lam`` with the costate ``lam``. ``Fh``: the homogeneous
-    time-major dynamics of ``riccati``. Returns ``gu [B, T, m]`` and the cost gradient
-    ``g [B, T, p]``."""
+    time-major dynamics of ``riccati``; ``parallel``: the costate by a scan (``costate``).
+    Returns ``gu [B, T, m]`` and the cost gradient ``g [B, T, p]``."""
     n = x.shape[-1]
     g = cost.quadratize(x, u)[1]  # [B, T, p]
     gu = g[..., n:]
     if Fh is not None:
-        lam = costate(g[..., :n], Fh[:, :, 1:, 1:n + 1])
+        lam = costate(g[..., :n], Fh[:, :, 1:, 1:n + 1], parallel)
         # time-major, as Fh is stored (an einsum here copied F_u into its batch-first order)
         Fu_lam = (lam[:, 1:].transpose(0, 1).unsqueeze(-2) @ Fh[:, :, 1:, n + 1:]).squeeze(-2)
         gu = gu + torch.cat([Fu_lam.transpose(0, 1), torch.zeros_like(gu[:, :1])], 1)
@@ -354,14 +365,14 @@ def _dual_tol(g: Tensor, power: float = 0.5) -> Tensor:
 
 
 def _kkt_satisfied(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor, lower: Tensor,
-                   upper: Tensor) -> Tensor:
+                   upper: Tensor, parallel: bool = False) -> Tensor:
     """``[B]``: (x, u) satisfies the KKT conditions of a box-constrained linear-quadratic problem
     up to rounding (``_dual_tol``).
 
     The gradient of the Lagrangian in u (``_grad_u``) must vanish on the free controls and point
     outward at the bounds: ``>= 0`` at the lower bound, ``<= 0`` at the upper one.
     """
-    gu, g = _grad_u(cost, Fh, x, u)
+    gu, g = _grad_u(cost, Fh, x, u, parallel)
     at_lo, at_hi = u <= lower, u >= upper
     viol = torch.where(at_lo & at_hi, 0.0, torch.where(
         at_lo, (-gu).clamp_min(0), torch.where(at_hi, gu.clamp_min(0), gu.abs())))
@@ -369,7 +380,7 @@ def _kkt_satisfied(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor, lowe
 
 
 def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor, lower: Tensor,
-                   upper: Tensor, max_iter: int
+                   upper: Tensor, max_iter: int, parallel: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Gains | None]:
     """A box-constrained linear-quadratic problem by a primal-dual active-set method.
 
@@ -388,6 +399,7 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     Args:
         u0: ``[B, T, m]`` initial controls in the box; the first active set is the controls at a
             bound.
+        parallel: the passes as scans over time (``riccati``'s ``parallel``).
 
     Returns:
         x ``[B, T, n]``, u ``[B, T, m]`` (the last iterate, clamped to the box), converged ``[B]``,
@@ -434,10 +446,10 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
             elif T > 1:
                 Fh = homogeneous_dynamics(dyn.F, d_eff)
         gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free, expected=False,
-                        Fh=Fh if whole else None, Ch=Ch if whole else None)
+                        Fh=Fh if whole else None, Ch=Ch if whole else None, parallel=parallel)
         xs, us = rollout_affine(gains, sub(x_init))
         us = torch.where(free, us, val)
-        gu, g = _grad_u(c_sub, gains.Fh, xs, us)
+        gu, g = _grad_u(c_sub, gains.Fh, xs, us, parallel)
         tol = _dual_tol(g, 0.75)[:, None, None]
         new_lo = torch.where(free, us < lo, h_lo & (gu >= -tol)) | sub(pinned)
         new_hi = torch.where(free, us > hi, h_hi & (gu <= tol)) & ~new_lo
@@ -467,7 +479,7 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         rest = (~conv).nonzero().squeeze(1)
         x = x.index_put((rest,), rollout(dyn.subset(rest), x_init[rest], u[rest]))
         return x, u, conv, iters, step, None
-    gains = Gains(K, torch.zeros_like(u), free_all, None, torch.ones_like(conv), L, Fh)
+    gains = Gains(K, torch.zeros_like(u), free_all, None, torch.ones_like(conv), L, Fh, parallel)
     return x, u, conv, iters, step, gains
 
 
@@ -501,8 +513,9 @@ def ilqr(
     """
     B = x_init.shape[0]
     exact = dyn.linear and cost.quadratic and lower is None
+    par = opts.parallel_for(x_init)
     if exact and not create_graph:
-        res = _lqr(x_init, cost, dyn, u_init)
+        res = _lqr(x_init, cost, dyn, u_init, par)
         if res is not None:
             return res
     tol = opts.tol if opts.tol is not None else (1e-7 if x_init.dtype == torch.float64 else 1e-4)
@@ -515,7 +528,7 @@ def ilqr(
     if dyn.linear and cost.quadratic and lower is not None and not create_graph:
         # box-constrained LQ: active-set passes first; box-DDP only for samples they leave
         x, u, flags, iters, step, lq_gains = _active_set_lq(x_init, cost, dyn, u, lower, upper,
-                                                            _lq_passes(opts.max_iter))
+                                                            _lq_passes(opts.max_iter), par)
     else:
         x = rollout(dyn, x_init, u)
     s = _State(x, u, cost.value(x, u).sum(-1), torch.zeros(B, dtype=x.dtype, device=dev), step,
@@ -544,11 +557,13 @@ def _lq_passes(max_iter: int) -> int:
     return min(max_iter, max(10, max_iter // 2))
 
 
-def _lqr(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u_init: Tensor) -> IterResult | None:
-    """An unconstrained LQR in one Riccati pass and one rollout, or None if some control
-    Hessian of the recursion is not positive definite (the iterations regularize those)."""
+def _lqr(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u_init: Tensor,
+         parallel: bool = False) -> IterResult | None:
+    """An unconstrained LQR in one Riccati pass and one rollout (scans over time if
+    ``parallel``), or None if some control Hessian of the recursion is not positive definite
+    (the iterations regularize those)."""
     # absolute coordinates: tau = 0 plus the step
-    gains = riccati(cost.C, cost.c, dyn.F, dyn.f, expected=False)
+    gains = riccati(cost.C, cost.c, dyn.F, dyn.f, expected=False, parallel=parallel)
     if not bool(gains.ok.all()):
         return None
     x, u = rollout_affine(gains, x_init)

@@ -19,6 +19,13 @@ import torch
 from torch import Tensor
 
 from diffmpc.boxqp import box_qp, masked_cholesky
+from diffmpc.parallel import (
+    affine_suffix,
+    free_masks,
+    gains_from_values,
+    prefix_products,
+    value_scan,
+)
 
 __all__ = ["Gains", "riccati", "feedforward", "rollout_affine", "costate", "time_major"]
 
@@ -40,6 +47,8 @@ class Gains:
             controls (identity elsewhere), or None.
         Fh: ``[T-1, B, n+1, p+1]`` the pass's dynamics in homogeneous, time-major form
             (``homogeneous_dynamics``), or None; the rollout and costate passes reuse it.
+        parallel: made by the time-parallel pass; ``rollout_affine`` and ``feedforward`` then
+            scan over time too.
     """
 
     K: Tensor
@@ -49,6 +58,7 @@ class Gains:
     ok: Tensor
     L: Tensor | None = None
     Fh: Tensor | None = None
+    parallel: bool = False
 
 
 def _floor_pd(Quu: Tensor, floor: Tensor) -> Tensor:
@@ -133,6 +143,7 @@ def riccati(
     expected: bool = True,
     Fh: Tensor | None = None,
     Ch: Tensor | None = None,
+    parallel: bool = False,
 ) -> Gains:
     """Backward Riccati recursion.
 
@@ -153,6 +164,10 @@ def riccati(
             same dynamics); F then gives only the sizes, and d is ignored.
         Ch: ``homogeneous_cost(C, c)``, if the caller has it (C and c are then ignored); else it
             is formed here when small enough.
+        parallel: in fixed-set or unconstrained mode without ``reg`` and ``uu_floor``, compute
+            the recursion as a scan over time (``parallel``: about log2 T levels of operations
+            instead of T steps); it needs each ``C_uu`` positive definite on the free controls
+            and falls back to the sequential recursion where one is not.
 
     Returns:
         Gains (K, k, L are batch-first views of time-major storage).
@@ -168,8 +183,12 @@ def riccati(
         Fh = homogeneous_dynamics(F, d)
     # small problems: Ch for all steps at once (one fused product per step); large ones: C_t and
     # c_t added per step (Ch would be a fresh, page-faulted block of memory at every call)
-    if Ch is None and _ch_bytes(C) < _CH_MAX_BYTES:
+    if Ch is None and (parallel or _ch_bytes(C) < _CH_MAX_BYTES):
         Ch = homogeneous_cost(C, c)
+    if parallel and lower is None and reg is None and uu_floor is None:
+        gains = _parallel_riccati(Ch, Fh, n, free, expected)
+        if gains is not None:
+            return gains
     Khs, frees, infos, qus, Quus, Ls = ([None] * T for _ in range(6))
     # Without regularization K and k minimize the step's model on the free controls, so the value
     # update has the short form Vh = Qh_xx + Qh_xu Kh (whose first column is [.; v]); with it the
@@ -187,8 +206,8 @@ def riccati(
             Q = homogeneous_cost(C[:, t:], c[:, t:])[0]
         else:
             Q = (Fh[t].mT @ Vh) @ Fh[t]
-            Q[:, 1:, 1:] += C[:, t]
-            Q[:, 1:, 0] += c[:, t]
+            Q[:, 1:, 1:].add_(C[:, t])
+            Q[:, 1:, 0].add_(c[:, t])
         Quu, R = Q[:, n + 1:, n + 1:], Q[:, n + 1:, :n + 1]  # R = [qu | Qux]
         if uu_floor is not None:
             Quu = _floor_pd(Quu, uu_floor)
@@ -213,6 +232,27 @@ def riccati(
     L = torch.stack(Ls).transpose(0, 1)
     ok = (torch.stack(infos, 1) == 0).all(1)
     return Gains(K, k, free, dV, ok, L, Fh)
+
+
+def _parallel_riccati(Ch, Fh, n, free, expected) -> Gains | None:
+    """``riccati`` in fixed-set or unconstrained mode as a scan over time; None if the
+    elimination of some step's controls failed (``value_scan``)."""
+    T, B = Ch.shape[:2]
+    free = (torch.ones(T, B, Ch.shape[-1] - n - 1, dtype=torch.bool, device=Ch.device)
+            if free is None else free.transpose(0, 1))
+    mask = free_masks(free, Ch.dtype)
+    G, ok = value_scan(Ch, Fh, free, n, mask)
+    if not bool(ok.all()):
+        return None
+    Kh, L, info, Quu, qu = gains_from_values(Ch, Fh, G, free, n, mask)
+    Kh, free = Kh.transpose(0, 1), free.transpose(0, 1)
+    K, k = Kh[..., 1:], Kh[..., 0]
+    dV = None
+    if expected:
+        Quu_k = (Quu @ k.transpose(0, 1).unsqueeze(-1)).squeeze(-1).transpose(0, 1)
+        dV = torch.stack([(k * qu.transpose(0, 1)).flatten(1).sum(-1),
+                          0.5 * (k * Quu_k).flatten(1).sum(-1)], -1)
+    return Gains(K, k, free, dV, (info == 0).all(0), L.transpose(0, 1), Fh, True)
 
 
 def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected) -> Gains:
@@ -273,7 +313,10 @@ def feedforward(gains: Gains, c: Tensor) -> Gains:
     bounds (fixed-set or unconstrained mode with ``gains.free``): the matrix recursion does not
     depend on c, and with ``Q_uu k = -q_u`` on the free controls the value update is
     ``v = q_x + K' q_u``. Only vector operations remain, and the solves for k are batched.
+    Gains of a time-parallel pass give gains of the same kind (a scan over time).
     """
+    if gains.parallel:
+        return _parallel_feedforward(gains, c)
     T, n = c.shape[1], gains.K.shape[-1]
     qus = [None] * T
     v = None
@@ -284,6 +327,44 @@ def feedforward(gains: Gains, c: Tensor) -> Gains:
         v = torch.baddbmm(q[:, :n].unsqueeze(-1), gains.K[:, t].mT, qu.unsqueeze(-1)).squeeze(-1)
     k = -torch.cholesky_solve(torch.stack(qus, 1).unsqueeze(-1), gains.L).squeeze(-1)
     return Gains(gains.K, k, gains.free, None, gains.ok, gains.L, gains.Fh)
+
+
+def _parallel_feedforward(gains: Gains, c: Tensor) -> Gains:
+    """``feedforward`` as a scan: ``v_t = c_x + K' c_u + (F_x + F_u K)' v_{t+1}``, the same
+    recursion with the closed-loop dynamics, then ``q_u`` and k of every step at once."""
+    n = gains.K.shape[-1]
+    ct, Kt = c.transpose(0, 1), gains.K.transpose(0, 1)  # [T, B, p], [T, B, m, n]
+    cx, cu = ct[..., :n], ct[..., n:]
+    qu = cu
+    if ct.shape[0] > 1:
+        Fu = gains.Fh[..., 1:, n + 1:]
+        Mcl = torch.baddbmm(gains.Fh[..., 1:, 1:n + 1].flatten(0, 1), Fu.flatten(0, 1),
+                            Kt[:-1].flatten(0, 1)).unflatten(0, Fu.shape[:2])
+        v = affine_suffix(cx + (Kt.mT @ cu.unsqueeze(-1)).squeeze(-1), Mcl.mT)
+        qu = qu + torch.nn.functional.pad((Fu.mT @ v[1:].unsqueeze(-1)).squeeze(-1),
+                                          (0, 0, 0, 0, 0, 1))
+    qu = qu.transpose(0, 1) * gains.free
+    k = -torch.cholesky_solve(qu.unsqueeze(-1), gains.L).squeeze(-1)
+    return Gains(gains.K, k, gains.free, None, gains.ok, gains.L, gains.Fh, True)
+
+
+def _parallel_rollout(gains: Gains, dx0: Tensor, offsets: bool) -> tuple[Tensor, Tensor]:
+    """``rollout_affine`` as a scan: the closed-loop maps ``[1; x_{t+1}] = Acl_t [1; x_t]``,
+    ``Acl_t = Fh_t [I; Kh_t]``, and their prefix products applied to ``[1; dx0]``."""
+    n = dx0.shape[-1]
+    Kh = torch.cat([gains.k.unsqueeze(-1), gains.K], -1).transpose(0, 1)  # [T, B, m, n+1]
+    xh0 = torch.cat([torch.ones_like(dx0[:, :1]), dx0], -1)
+    xh = xh0.unsqueeze(0)
+    if Kh.shape[0] > 1:
+        Fh = gains.Fh
+        Acl = torch.baddbmm(Fh[..., :n + 1].flatten(0, 1), Fh[..., n + 1:].flatten(0, 1),
+                            Kh[:-1].flatten(0, 1)).unflatten(0, Fh.shape[:2])
+        if not offsets:
+            Acl[..., 1:, 0].sub_(Fh[..., 1:, 0])
+        X = (prefix_products(Acl) @ xh0.unsqueeze(-1)).squeeze(-1)
+        xh = torch.cat([xh, X])  # [T, B, n+1]
+    us = (Kh @ xh.unsqueeze(-1)).squeeze(-1)
+    return xh[..., 1:].transpose(0, 1), us.transpose(0, 1)
 
 
 def rollout_affine(gains: Gains, dx0: Tensor, offsets: bool = True) -> tuple[Tensor, Tensor]:
@@ -297,6 +378,8 @@ def rollout_affine(gains: Gains, dx0: Tensor, offsets: bool = True) -> tuple[Ten
     Returns:
         dx ``[B, T, n]``, du ``[B, T, m]``.
     """
+    if gains.parallel:
+        return _parallel_rollout(gains, dx0, offsets)
     T = gains.k.shape[1]
     one = dx0.new_ones(dx0.shape[0], 1) if offsets else dx0.new_zeros(dx0.shape[0], 1)
     xs, us = [], []
@@ -315,7 +398,7 @@ def time_major(A: Tensor) -> Tensor:
     return A.transpose(0, 1).contiguous()
 
 
-def costate(gx: Tensor, Fx: Tensor | None) -> Tensor:
+def costate(gx: Tensor, Fx: Tensor | None, parallel: bool = False) -> Tensor:
     """Multipliers of the dynamics constraints from stationarity in x.
 
     ``lam_{T-1} = gx_{T-1}``, ``lam_t = gx_t + Fx_t' lam_{t+1}``: with the Lagrangian
@@ -325,13 +408,21 @@ def costate(gx: Tensor, Fx: Tensor | None) -> Tensor:
         gx: ``[B, T, n]`` gradient of the (Lagrangian's) cost terms w.r.t. x_t.
         Fx: ``[T-1, B, n, n]`` state Jacobians of the dynamics, time-major (``time_major``, or
             ``gains.Fh[:, :, 1:, 1:n+1]``); None if T = 1.
+        parallel: as a scan over time (``affine_suffix``).
 
     Returns:
         lam ``[B, T, n]``.
     """
+    if parallel and Fx is not None:
+        return _parallel_costate(gx, Fx)
     T = gx.shape[1]
     lam = [None] * T
     lam[T - 1] = gx[:, T - 1]
     for t in range(T - 2, -1, -1):
         lam[t] = torch.baddbmm(gx[:, t].unsqueeze(-1), Fx[t].mT, lam[t + 1].unsqueeze(-1)).squeeze(-1)
     return torch.stack(lam, 1)
+
+
+def _parallel_costate(gx: Tensor, Fx: Tensor) -> Tensor:
+    """``costate`` as a scan over time (``affine_suffix`` of the maps ``lam -> gx + Fx' lam``)."""
+    return affine_suffix(gx.transpose(0, 1), Fx.mT).transpose(0, 1)

@@ -268,7 +268,8 @@ class _AdjointSolve(torch.autograd.Function):
     """Zero in the forward pass; ``-K^{-1}`` in the backward pass.
 
     Inputs: data = (H [B, T, p, p], F [B, T-1, n, p], free [B, T, m], gains or None: the
-    forward's factorization of the same H, F and free set, if it has one) and the KKT residual
+    forward's factorization of the same H, F and free set, if it has one; parallel: the LQ
+    solve by scans over time, ``SolverOptions.time_parallel``) and the KKT residual
     blocks Gx [B, T, n], Gu [B, T, m], Glam [B, T, n]. Outputs: dx [B, T, n], du [B, T, m],
     dlam [B, T, n] (the costate's change; only double backward reads it, ``_implicit``).
     """
@@ -279,9 +280,9 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        H, F, free, gains = inputs[0]
+        H, F, free, gains, parallel = inputs[0]
         ctx.save_for_backward(H, F, free)
-        ctx.gains = gains
+        ctx.gains, ctx.parallel = gains, parallel
         ctx.set_materialize_grads(False)
 
     # Backward: (w, nu) solves K [w; nu] = -[g; h], i.e. H w + J' nu = -g and J w = -h. For
@@ -312,13 +313,14 @@ class _AdjointSolve(torch.autograd.Function):
                 gains = _ordinary(gains)  # inference tensors (the forward's solve made them)
             gains = feedforward(gains, g_solve)
         else:
-            gains = riccati(H, g_solve, F, None, free=free, expected=False)
+            gains = riccati(H, g_solve, F, None, free=free, expected=False, parallel=ctx.parallel)
         wx, wu = rollout_affine(gains, torch.zeros_like(gx[:, 0]), offsets=False)
         w = torch.cat([wx, wu], -1)
         if wh is not None:
             w = w + wh
         r = matvec(H, w) + g
-        nu = costate(r[..., :n], None if gains.Fh is None else gains.Fh[:, :, 1:, 1:n + 1])
+        nu = costate(r[..., :n], None if gains.Fh is None else gains.Fh[:, :, 1:, 1:n + 1],
+                     ctx.parallel)
         wx, wu = w[..., :n], w[..., n:]
         if not bool(gains.ok.all()):
             warnings.warn("MPC backward: the Hessian of the Lagrangian is not positive definite on "
@@ -425,19 +427,20 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
             H, g = cost.quadratize(x, u)
             if not (exact or cost.quadratic):  # Gauss-Newton: the forward's convexified Hessian
                 H = clip_eigenvalues(H, opts.psd_floor)
-            lam = costate(g[..., :n], Fx)
+            lam = costate(g[..., :n], Fx, opts.parallel_for(x))
             if exact:
                 H = dyn.lagrangian_hessian(H, x, u, lam)
     free = ~held
     reuse = res.gains if (lq and res.gains is not None
                           and torch.equal(res.gains.free, free)) else None
-    data = (H, F, free, reuse)
+    par = opts.parallel_for(x)
+    data = (H, F, free, reuse, par)
 
     def residual(xs, us, lam_of, need_tau=None):
         """The KKT residual ``(Gx, Gu, Glam)`` at (xs, us) with the costate ``lam_of(lam*)``."""
         u_eff = us if lower is None else torch.where(lo_act, lower, torch.where(hi_act, upper, us))
         if lq:  # the same gradient in closed form (no double backward)
-            Gx, Gu, nxt = _lq_residual(cost, dyn, xs, u_eff, held, Fx, lam_of, need_tau)
+            Gx, Gu, nxt = _lq_residual(cost, dyn, xs, u_eff, held, Fx, lam_of, need_tau, par)
         else:
             nxt = dyn.all(xs[:, :-1], u_eff[:, :-1])
         Glam = torch.cat([(x_init - xs[:, 0]).unsqueeze(1), nxt - xs[:, 1:]], 1)
@@ -503,7 +506,7 @@ def _thetas(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper) -> tuple:
                  if t.requires_grad and not (id(t) in seen or seen.add(id(t))))
 
 
-def _lq_residual(cost, dyn, x, u, held, Fx, lam_of=_same, need_tau=None):
+def _lq_residual(cost, dyn, x, u, held, Fx, lam_of=_same, need_tau=None, parallel=False):
     """Stationarity residual of a linear-quadratic problem and its transitions at (x, u):
     ``Gx [B, T, n]``, ``Gu [B, T, m]`` and ``F_t tau_t + f_t`` ``[B, T-1, n]``.
 
@@ -511,12 +514,13 @@ def _lq_residual(cost, dyn, x, u, held, Fx, lam_of=_same, need_tau=None):
     (no ``F'`` term at the last step), zero on the controls held at a bound. The costate
     ``lam_of(lam)`` comes from the same cost gradient, with the state Jacobians ``Fx``
     (time-major): ``lam`` is that gradient's costate, a constant. ``F tau`` and ``F' lam`` are
-    one ``matvec_pair``: one gradient block for F. ``need_tau``: see ``matvec``.
+    one ``matvec_pair``: one gradient block for F. ``need_tau``: see ``matvec``; ``parallel``:
+    the costate by a scan over time (``costate``).
     """
     n = x.shape[-1]
     tau = torch.cat([x, u], -1)
     g = matvec(cost.C, tau, sym=True, need_x=need_tau) + cost.c
-    lam = lam_of(costate(g.detach()[..., :n], Fx))
+    lam = lam_of(costate(g.detach()[..., :n], Fx, parallel))
     if x.shape[1] > 1:
         Ftau, Fl = matvec_pair(dyn.F, tau[:, :-1], lam[:, 1:], need_tau)
         nxt = Ftau + dyn.f
@@ -599,6 +603,8 @@ def _check_options(o: SolverOptions) -> None:
     if not 0 < o.line_search_decay < 1:
         raise ValueError(f"line_search_decay: expected a float in (0, 1), "
                          f"got {o.line_search_decay!r}")
+    if o.time_parallel is not None and not isinstance(o.time_parallel, bool):
+        raise ValueError(f"time_parallel: expected None, True or False, got {o.time_parallel!r}")
 
 
 def _needs_grad(x_init, cost: TrajCost, dyn: TrajDynamics, lower, upper) -> bool:

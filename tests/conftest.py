@@ -264,3 +264,14 @@ def box_for_fraction():
 def fraction_active():
     """``fraction_active(ref, lower, upper) -> float``."""
     return active_fraction
+
+
+@pytest.fixture(params=["sequential", "time_parallel"])
+def recursion(request, monkeypatch):
+    """Runs a test twice: with the sequential Riccati recursions (the CPU default) and with their
+    scans over time (``SolverOptions.time_parallel``, the CUDA default), whatever the options."""
+    import diffmpc as dm
+
+    flag = request.param == "time_parallel"
+    monkeypatch.setattr(dm.SolverOptions, "parallel_for", lambda self, ref: flag)
+    return request.param

@@ -88,6 +88,22 @@ def test_lqr_solution_and_gradients_match_cpu(make_problem, bound, backward):
     assert_rel(g_dev, g_cpu, 1e-8, f"{backward}, bound={bound}")
 
 
+@pytest.mark.parametrize("bound", [None, 0.4])
+def test_time_parallel_and_sequential_recursions_agree_on_the_gpu(make_problem, bound):
+    """The CUDA default (scans over time) against the sequential recursions, both on the GPU,
+    at a horizon with a partial last scan level."""
+    prob = make_problem(32, 37, 5, 3, seed=4)
+    W = torch.randn(32, 37, 3, generator=torch.Generator().manual_seed(3), dtype=DT).to(DEVICE)
+    out = []
+    for par in (True, False):
+        leaves = lqr_leaves(prob, DEVICE)
+        sol = solve_lqr(leaves, bound, time_parallel=par)
+        out.append((sol, grads(lqr_loss(sol, W), leaves)))
+    (s_par, g_par), (s_seq, g_seq) = out
+    assert_close(s_par.u, s_seq.u, 1e-9, "u")
+    assert_rel(g_par, g_seq, 1e-8, f"time_parallel, bound={bound}")
+
+
 def test_float32_on_the_gpu_matches_float64_on_the_cpu(make_problem):
     prob = make_problem(16, 10, 4, 3, seed=5)
     W = torch.randn(16, 10, 3, generator=torch.Generator().manual_seed(2), dtype=DT)

@@ -15,6 +15,10 @@ import diffmpc as dm
 MODES = ["implicit", "gauss_newton", "unroll"]
 NAMES = ("x_init", "C", "c", "F", "f")
 
+# every test here runs twice: with the sequential Riccati recursions and with their scans over
+# time (the ``recursion`` fixture of conftest.py)
+pytestmark = pytest.mark.usefixtures("recursion")
+
 
 def solve(x_init, C, c, F, f, lower=None, upper=None, backward="implicit", T=None, u_init=None,
           **options):

@@ -188,6 +188,7 @@ class Problem:
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])
 @pytest.mark.parametrize("name", SYSTEMS)
+@pytest.mark.usefixtures("recursion")
 def test_gradient_wrt_dynamics_parameters_matches_fd(name, method):
     prob = Problem(name, exact_starts(name), method=method)
     prob.well_posed()
@@ -199,6 +200,7 @@ def test_gradient_wrt_dynamics_parameters_matches_fd(name, method):
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
+@pytest.mark.usefixtures("recursion")
 def test_double_backward_wrt_dynamics_parameters_matches_fd(name):
     """Second derivatives through the implicit backward: the derivative in x_init of
     ``||dL/d params||^2`` (the physical parameters) against central differences of that first
@@ -225,6 +227,7 @@ def test_double_backward_wrt_dynamics_parameters_matches_fd(name):
     assert rel_err(got, float(fd)) <= 1e-5, (got, float(fd))
 
 
+@pytest.mark.usefixtures("recursion")
 def test_double_backward_wrt_bound_tensors_matches_fd():
     """The pendulum with 30 % of its controls at a bound: the derivative in x_init of
     ``||dL/d(bounds)||^2``, the bounds being tensors (they enter the solution through the held
@@ -252,6 +255,7 @@ def test_double_backward_wrt_bound_tensors_matches_fd():
     assert rel_err(float((h * d).sum()), float(fd)) <= 1e-5, (float((h * d).sum()), float(fd))
 
 
+@pytest.mark.usefixtures("recursion")
 def test_double_backward_with_a_parameter_shared_by_cost_and_dynamics():
     """A parameter read by both the cost and the dynamics: its second derivatives (through
     the solution's dependence on it) must count it once."""
@@ -292,6 +296,7 @@ def test_double_backward_with_a_parameter_shared_by_cost_and_dynamics():
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
+@pytest.mark.usefixtures("recursion")
 def test_gradient_wrt_cost_parameters_and_x_init_matches_fd(name):
     prob = Problem(name, exact_starts(name))
     prob.well_posed()
@@ -302,6 +307,7 @@ def test_gradient_wrt_cost_parameters_and_x_init_matches_fd(name):
         assert max(errs) <= 1e-5, errs
 
 
+@pytest.mark.usefixtures("recursion")
 def test_gradients_match_fd_two_link_arm_reaching():
     """Two controls (the box QP with several controls), RK4 dynamics and a cost that is not
     quadratic in the state (forward kinematics), every parameter learnable."""
@@ -329,6 +335,7 @@ def test_gauss_newton_gradient_differs_on_pendulum_mass_and_length():
         assert rel_err(gg, fd) > 1e-3, f"Gauss-Newton error {rel_err(gg, fd):.3g}"
 
 
+@pytest.mark.usefixtures("recursion")
 def test_gradcheck_small_nonlinear():
     """gradcheck on T=4, B=2 w.r.t. x_init and the diagonal of a QuadCost, pendulum dynamics."""
     sysm = Pendulum(dtype=DT)
@@ -357,6 +364,7 @@ def test_unrolled_and_implicit_gradients_agree_when_converged(name):
         assert rel_err(b, a) <= 1e-6
 
 
+@pytest.mark.usefixtures("recursion")
 def test_gradient_wrt_bound_tensors_matches_fd():
     """u_lower / u_upper tensors requiring grad, with controls active at both bounds."""
     x_init = starts("pendulum", 6, seed=0, spread=1.5)[[2, 4]]
@@ -438,6 +446,7 @@ class WavyCost(nn.Module):
         return self.goal_cost(x, u) + self.a * torch.cos(self.b * x[..., 2])
 
 
+@pytest.mark.usefixtures("recursion")
 def test_nonconvex_cost_converges_to_a_kkt_point_with_exact_gradients():
     sysm = Pendulum(dtype=DT)
     cost = WavyCost(sysm.default_cost(learn_goal=False, learn_weights=False))
