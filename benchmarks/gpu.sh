@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks and the GPU benchmarks in one run: tests/test_cuda.py, then the three benchmark
 # scripts with --device cuda at the sizes of the issues' targets. Each step has a time limit (at
-# most 8.5 minutes in all; on an H200 mpc.pytorch's B = 256, T = 50 solves take 2-33 s each, so
+# most 9.5 minutes in all; on an H200 mpc.pytorch's B = 256, T = 50 solves take 2-33 s each, so
 # it gets one or two repetitions there); a step that fails or runs out is reported and the next
 # one runs.
 #
@@ -23,7 +23,7 @@ else
     LQR=256x50,1024x50 NL=1x20,256x20,256x50 ITERS=1,4,16,64 REPS=3
 fi
 status=0
-STEPS=${STEPS:-test_cuda solver solver_sequential nonlinear implicit}
+STEPS=${STEPS:-test_cuda solver solver_sequential launches nonlinear implicit}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log
     local name=$1 limit=$2
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
@@ -42,9 +42,10 @@ step test_cuda 60 env DIFFMPC_TEST_DEVICE="$DEVICE" $PY -m pytest -q -p no:cache
 step solver 120 $PY benchmarks/solver_speed.py --device "$DEVICE" --sizes "$LQR" --no-cvxpy \
     --ref-budget 10 --out "$OUT/solver.md"
 # the same LQ solves with the sequential recursions instead of the CUDA default's scans over time
-step solver_sequential 60 $PY benchmarks/solver_speed.py --device "$DEVICE" --sizes "$LQR" \
+step solver_sequential 45 $PY benchmarks/solver_speed.py --device "$DEVICE" --sizes "$LQR" \
     --no-reference --no-cvxpy --option time_parallel=false --out "$OUT/solver_sequential.md"
-step nonlinear 240 $PY benchmarks/nonlinear_speed.py --device "$DEVICE" --sizes "$NL" \
+step launches 45 $PY benchmarks/launches.py --device "$DEVICE" --sizes "$LQR" --out "$OUT/launches.md"
+step nonlinear 200 $PY benchmarks/nonlinear_speed.py --device "$DEVICE" --sizes "$NL" \
     --reps "$REPS" --ref-budget 10 --out "$OUT/nonlinear.md"
 step implicit 90 $PY benchmarks/implicit_vs_unroll.py --device "$DEVICE" --iters "$ITERS" \
     --reps 1 --out "$OUT/implicit.md"

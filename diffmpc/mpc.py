@@ -427,13 +427,13 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
             H, g = cost.quadratize(x, u)
             if not (exact or cost.quadratic):  # Gauss-Newton: the forward's convexified Hessian
                 H = clip_eigenvalues(H, opts.psd_floor)
-            lam = costate(g[..., :n], Fx, opts.parallel_for(x))
+            lam = costate(g[..., :n], Fx, opts.parallel_for(x_init, x.shape[1]))
             if exact:
                 H = dyn.lagrangian_hessian(H, x, u, lam)
     free = ~held
     reuse = res.gains if (lq and res.gains is not None
                           and torch.equal(res.gains.free, free)) else None
-    par = opts.parallel_for(x)
+    par = opts.parallel_for(x_init, x.shape[1])
     data = (H, F, free, reuse, par)
 
     def residual(xs, us, lam_of, need_tau=None):

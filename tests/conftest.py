@@ -273,5 +273,5 @@ def recursion(request, monkeypatch):
     import diffmpc as dm
 
     flag = request.param == "time_parallel"
-    monkeypatch.setattr(dm.SolverOptions, "parallel_for", lambda self, ref: flag)
+    monkeypatch.setattr(dm.SolverOptions, "parallel_for", lambda self, x_init, T: flag)
     return request.param

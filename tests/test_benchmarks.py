@@ -13,8 +13,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "solver_speed.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("solver_speed", SCRIPT)
+def _load(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,6 +36,19 @@ def test_solver_speed_quick(tmp_path, capsys):
     assert "B=1  T=5  box=yes" in capsys.readouterr().out  # one progress line per configuration
 
 
+def test_launches_script_counts_fewer_operations_with_scans(tmp_path):
+    """benchmarks/launches.py on the CPU: both recursions solve, and the scans over time
+    dispatch fewer operations (here at T = 16: four levels instead of sixteen steps)."""
+    launches = _load(SCRIPT.parent / "launches.py")
+    out = tmp_path / "ops.md"
+    rows = launches.main(["--sizes", "2x16", "--reps", "1", "--out", str(out)])
+    assert [(r["problem"], r["par"]) for r in rows] == [
+        ("LQR", False), ("LQR", True), ("box-LQR", False), ("box-LQR", True)]
+    assert all(r["conv"] == 1.0 for r in rows)
+    assert rows[1]["ops"] < rows[0]["ops"] and rows[3]["ops"] < rows[2]["ops"]
+    assert out.read_text().count("\n|") == 6
+
+
 @pytest.mark.slow
 @pytest.mark.reference
 def test_gpu_script_dry_run_on_the_cpu(tmp_path):
@@ -45,6 +58,7 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     done = subprocess.run(["bash", str(SCRIPT.parent / "gpu.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for name in ("solver.md", "nonlinear.md", "implicit.md"):
+    for name in ("solver.md", "solver_sequential.md", "launches.md", "nonlinear.md",
+                 "implicit.md"):
         assert (tmp_path / name).read_text().count("\n|") >= 3, name
     assert " passed" in (tmp_path / "test_cuda.log").read_text()

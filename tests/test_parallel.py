@@ -10,6 +10,7 @@ import torch
 
 import diffmpc as dm
 from diffmpc import lqr
+from diffmpc.ilqr import auto_time_parallel
 from diffmpc.parallel import affine_suffix, prefix_products, suffix_scan
 
 DT = torch.float64
@@ -151,10 +152,13 @@ def test_unstable_dynamics_match_cvxpy(make_problem, reference):
         assert (sol.u - ref.u).abs().max() <= 1e-6
 
 
-def test_time_parallel_option_resolves_by_device():
-    cpu = torch.zeros(1)
-    assert not dm.SolverOptions().parallel_for(cpu)
-    assert dm.SolverOptions(time_parallel=True).parallel_for(cpu)
-    assert not dm.SolverOptions(time_parallel=False).parallel_for(cpu)
+def test_time_parallel_option_resolves_by_device_and_size():
+    cpu = torch.zeros(4, 10)
+    assert not dm.SolverOptions().parallel_for(cpu, 50)
+    assert dm.SolverOptions(time_parallel=True).parallel_for(cpu, 50)
+    assert not dm.SolverOptions(time_parallel=False).parallel_for(cpu, 50)
+    assert auto_time_parallel(True, 256, 50, 10) and auto_time_parallel(True, 1024, 50, 10)
+    assert not auto_time_parallel(True, 4096, 50, 10)  # the scans' arithmetic outweighs
+    assert not auto_time_parallel(False, 1, 50, 10)
     with pytest.raises(ValueError, match="time_parallel"):
         dm.MPC(2, 1, 5, time_parallel="yes")
