@@ -187,6 +187,8 @@ def value_scan(Ch: Tensor, Fh: Tensor | None, free: Tensor, n: int,
     """
     mask = free_masks(free, Ch.dtype) if mask is None else mask
     P, ok = _elements(Ch, Fh, free, mask, n)
+    if not bool(ok.all()):  # the caller falls back to the sequential recursion: no scan
+        return P[..., 2 * n + 1:], ok
     T, s = P.shape[0], 1
     while s < T:  # P[t] covers steps t .. t+s-1 (clipped at T): suffix_scan, inlined for `last`
         P = torch.cat([_combine(P[:T - s], P[s:], last=2 * s >= T), P[T - s:]])
