@@ -82,7 +82,7 @@ def affine_suffix(a: Tensor, M: Tensor | None) -> Tensor:
     H[..., 0, 0] = 1.0
     H[..., 1:, 0] = a
     H[:-1, :, 1:, 1:] = M
-    (S,) = suffix_scan((H,), lambda e, l: (e[0] @ l[0],))
+    (S,) = suffix_scan((H,), lambda first, then: (first[0] @ then[0],))
     return S[..., 1:, 0]
 
 
