@@ -165,8 +165,8 @@ def riccati(
         Ch: ``homogeneous_cost(C, c)``, if the caller has it (C and c are then ignored); else it
             is formed here when small enough.
         parallel: in fixed-set or unconstrained mode without ``reg`` and ``uu_floor``, compute
-            the recursion as a scan over time (``parallel``: about log2 T levels of operations
-            instead of T steps); it needs each ``C_uu`` positive definite on the free controls
+            the recursion as a scan over time (``diffmpc.parallel``: about log2 T levels of
+            operations instead of T steps); it needs each ``C_uu`` positive definite on the free controls
             and falls back to the sequential recursion where one is not.
 
     Returns:
@@ -183,9 +183,10 @@ def riccati(
         Fh = homogeneous_dynamics(F, d)
     # small problems: Ch for all steps at once (one fused product per step); large ones: C_t and
     # c_t added per step (Ch would be a fresh, page-faulted block of memory at every call)
+    parallel = parallel and lower is None and reg is None and uu_floor is None
     if Ch is None and (parallel or _ch_bytes(C) < _CH_MAX_BYTES):
         Ch = homogeneous_cost(C, c)
-    if parallel and lower is None and reg is None and uu_floor is None:
+    if parallel:
         gains = _parallel_riccati(Ch, Fh, n, free, expected)
         if gains is not None:
             return gains
