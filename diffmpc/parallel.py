@@ -148,6 +148,7 @@ def _combine(Pi: Tensor, Pj: Tensor, last: bool = False) -> Tensor:
         A = A_j M^-1 A_i,    b = A_j M^-1 (b_i - C_i r_j) + b_j,    C = A_j M^-1 C_i A_j' + C_j,
         J = A_i' M^-T J_j A_i + J_i,    r = A_i' M^-T (r_j + J_j b_i) + r_i.
 
+    ``A_i' M^-T = (M^-1 A_i)'`` comes from the same solve as A, so there is one solve with M.
     ``last``: only J and r are needed (the last level of the scan); A, b, C are left as Pi's.
     """
     n = Pi.shape[-2]
@@ -156,13 +157,14 @@ def _combine(Pi: Tensor, Pj: Tensor, last: bool = False) -> Tensor:
     CG = Ci @ Gj  # [C_i J_j | C_i r_j]
     M = CG[..., :n]
     M.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    LU, piv, _ = torch.linalg.lu_factor_ex(M)
-    rhs = Gj[..., :n] @ Pi[..., :n + 1]  # [J_j A_i | J_j b_i]
-    rhs[..., n].add_(Gj[..., n])
-    G = Ai.mT @ torch.linalg.lu_solve(LU, piv, rhs, adjoint=True) + Gi
+    rhs = Ai if last else torch.cat([Ai, Pi[..., n:n + 1] - CG[..., n:], Ci], -1)
+    X = torch.linalg.solve_ex(M, rhs)[0]  # M^-1 [A_i | b_i - C_i r_j | C_i]
+    JA = Gj[..., :n] @ Pi[..., :n + 1]  # [J_j A_i | J_j b_i]
+    JA[..., n].add_(Gj[..., n])
+    G = torch.baddbmm(Gi.flatten(0, 1), X[..., :n].mT.flatten(0, 1), JA.flatten(0, 1))
+    G = G.unflatten(0, Gi.shape[:2])
     if last:
         return torch.cat([Pi[..., :2 * n + 1], G], -1)
-    X = torch.linalg.lu_solve(LU, piv, torch.cat([Ai, Pi[..., n:n + 1] - CG[..., n:], Ci], -1))
     AX = Aj @ X
     out = torch.cat([AX[..., :n + 1], AX[..., n + 1:] @ Aj.mT, G], -1)
     out[..., n:2 * n + 1].add_(Pj[..., n:2 * n + 1])
