@@ -364,18 +364,26 @@ def _leave_saddle(x_init, cost, dyn, x, u, J, idx, lower, upper, scale):
 
 
 def _grad_u(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor,
-            parallel: bool = False) -> tuple[Tensor, Tensor]:
+            parallel: bool = False, V: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Gradient of the Lagrangian in u of a linear-quadratic problem at (x, u), where x follows
     the dynamics: ``C tau + c + F_u' lam`` with the costate ``lam``. ``Fh``: the homogeneous
-    time-major dynamics of ``riccati``; ``parallel``: the costate by a scan (``costate``).
+    time-major dynamics of ``riccati``; ``parallel``: the costate by a scan (``costate``);
+    ``V``: a time-parallel pass's value functions (``Gains.V``) when (x, u) is that pass's
+    solution, whose costate is their gradient ``J_t x_t + r_t`` (no recursion).
     Returns ``gu [B, T, m]`` and the cost gradient ``g [B, T, p]``."""
     n = x.shape[-1]
     g = cost.quadratize(x, u)[1]  # [B, T, p]
     gu = g[..., n:]
     if Fh is not None:
-        lam = costate(g[..., :n], Fh[:, :, 1:, 1:n + 1], parallel)
+        if V is not None:
+            xt = x[:, 1:].transpose(0, 1).unsqueeze(-1)  # [T-1, B, n, 1]
+            lam = torch.baddbmm(V[1:, ..., n:].flatten(0, 1), V[1:, ..., :n].flatten(0, 1),
+                                xt.flatten(0, 1)).unflatten(0, xt.shape[:2]).mT  # [T-1, B, 1, n]
+        else:
+            lam = costate(g[..., :n], Fh[:, :, 1:, 1:n + 1], parallel)[:, 1:].transpose(0, 1)
+            lam = lam.unsqueeze(-2)
         # time-major, as Fh is stored (an einsum here copied F_u into its batch-first order)
-        Fu_lam = (lam[:, 1:].transpose(0, 1).unsqueeze(-2) @ Fh[:, :, 1:, n + 1:]).squeeze(-2)
+        Fu_lam = (lam @ Fh[:, :, 1:, n + 1:]).squeeze(-2)
         gu = gu + torch.cat([Fu_lam.transpose(0, 1), torch.zeros_like(gu[:, :1])], 1)
     return gu, g
 
@@ -471,7 +479,7 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
                         Fh=Fh if whole else None, Ch=Ch if whole else None, parallel=parallel)
         xs, us = rollout_affine(gains, sub(x_init))
         us = torch.where(free, us, val)
-        gu, g = _grad_u(c_sub, gains.Fh, xs, us, parallel)
+        gu, g = _grad_u(c_sub, gains.Fh, xs, us, parallel, gains.V)
         tol = _dual_tol(g, 0.75)[:, None, None]
         new_lo = torch.where(free, us < lo, h_lo & (gu >= -tol)) | sub(pinned)
         new_hi = torch.where(free, us > hi, h_hi & (gu <= tol)) & ~new_lo

@@ -49,6 +49,9 @@ class Gains:
             (``homogeneous_dynamics``), or None; the rollout and costate passes reuse it.
         parallel: made by the time-parallel pass; ``rollout_affine`` and ``feedforward`` then
             scan over time too.
+        V: ``[T, B, n, n+1]`` the value functions ``[J_t | r_t]`` of a time-parallel pass
+            (``V_t(x) = 1/2 x' J_t x + r_t' x``), or None: along the pass's own solution the
+            costate is their gradient, ``lam_t = J_t x_t + r_t``.
     """
 
     K: Tensor
@@ -59,6 +62,7 @@ class Gains:
     L: Tensor | None = None
     Fh: Tensor | None = None
     parallel: bool = False
+    V: Tensor | None = None
 
 
 def _floor_pd(Quu: Tensor, floor: Tensor) -> Tensor:
@@ -253,7 +257,7 @@ def _parallel_riccati(Ch, Fh, n, free, expected) -> Gains | None:
         Quu_k = (Quu @ k.transpose(0, 1).unsqueeze(-1)).squeeze(-1).transpose(0, 1)
         dV = torch.stack([(k * qu.transpose(0, 1)).flatten(1).sum(-1),
                           0.5 * (k * Quu_k).flatten(1).sum(-1)], -1)
-    return Gains(K, k, free, dV, (info == 0).all(0), L.transpose(0, 1), Fh, True)
+    return Gains(K, k, free, dV, (info == 0).all(0), L.transpose(0, 1), Fh, True, G)
 
 
 def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected) -> Gains:

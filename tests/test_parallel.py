@@ -164,3 +164,23 @@ def test_time_parallel_option_resolves_by_device_and_size():
     assert not auto_time_parallel(False, 2, 50, 10) and not auto_time_parallel(False, 1, 50, 32)
     with pytest.raises(ValueError, match="time_parallel"):
         dm.MPC(2, 1, 5, time_parallel="yes")
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_value_gradient_along_the_solution_is_the_costate(make_problem, held):
+    """``Gains.V`` of a time-parallel pass: along that pass's own solution, ``J_t x_t + r_t``
+    equals the costate of the cost gradient, computed here by the plain backward recursion."""
+    B, T, n, m = 3, 12, 4, 2
+    prob = make_problem(B, T, n, m, seed=11)
+    free = (torch.rand(B, T, m, generator=torch.Generator().manual_seed(1)) > 0.4) if held \
+        else None
+    gains = lqr.riccati(prob.C, prob.c, prob.F, prob.f, free=free, parallel=True)
+    x, u = lqr.rollout_affine(gains, prob.x_init)
+    g = (prob.C @ torch.cat([x, u], -1).unsqueeze(-1)).squeeze(-1) + prob.c
+    lam = g[:, T - 1, :n]
+    for t in range(T - 1, -1, -1):
+        if t < T - 1:
+            lam = g[:, t, :n] + (prob.F[:, t, :, :n].mT @ lam.unsqueeze(-1)).squeeze(-1)
+        J, r = gains.V[t, ..., :n], gains.V[t, ..., n]
+        torch.testing.assert_close((J @ x[:, t].unsqueeze(-1)).squeeze(-1) + r, lam,
+                                   rtol=1e-10, atol=1e-10)
