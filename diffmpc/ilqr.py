@@ -7,9 +7,9 @@ One iteration, for the samples that have not converged yet:
      dynamics' curvature weighted by the costate) while its Newton steps succeed; a per-sample
      Levenberg-Marquardt term stays zero unless a factorization or a line search failed;
   3. line search: the full step's closed-loop rollout, then, for the samples where it did not
-     lower the cost, the rest of the step-size ladder at once (on small batches, the whole ladder
-     in one rollout); each sample takes the largest step whose cost is lower, or keeps its
-     trajectory. A sample whose Newton step found no lower cost takes the Gauss-Newton step of
+     lower the cost, the rest of the step-size ladder at once (on small batches and on a GPU,
+     the whole ladder in one rollout); each sample takes the largest step whose cost is lower, or
+     keeps its trajectory. A sample whose Newton step found no lower cost takes the Gauss-Newton step of
      the same expansion (its Riccati pass and line search) in the same iteration.
 A sample has converged when its Newton step (or its accepted step) is below ``tol``, or when no
 step lowers its cost and the predicted decrease is at the rounding floor. Converged samples are
@@ -180,7 +180,10 @@ def _search(x_init, cost, dyn, x, u, J, gains, lower, upper, alphas, floor, near
     return Xc[first, ar], Uc[first, ar], Jc[first, ar], first, found
 
 
-_LADDER_ROWS = 256  # line searches of at most this many rollouts try every step size at once
+# line searches of at most this many rollouts try every step size at once (on the CPU a rollout
+# of more rows costs more; on a GPU it costs the same kernel launches: any batch there)
+_LADDER_ROWS = 256
+_LADDER_ROWS_CUDA = 2**16
 
 
 def _take_gains(g: Gains, idx: Tensor) -> Gains:
@@ -259,7 +262,7 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     at_floor = expected <= floor  # the predicted decrease is at the rounding floor
     # the full step first and the rest of the ladder for the samples where it failed; on small
     # batches, where a rollout costs its operations' dispatch whatever its rows, all at once
-    at_once = n_alpha * x.shape[0] <= _LADDER_ROWS
+    at_once = n_alpha * x.shape[0] <= (_LADDER_ROWS_CUDA if x.is_cuda else _LADDER_ROWS)
     Xa, Ua, Ja, first, found = _search(x_init, cost, dyn, x, u, J, gains, lower, upper,
                                        alphas if at_once else alphas[:1], floor, at_floor)
     retry = (~found & gains.ok).nonzero().squeeze(1)

@@ -676,3 +676,26 @@ def test_a_saddle_at_the_initial_iterate_is_left():
     assert J_ref < J_rest - 1.0  # the reference did leave it
     assert bool(sol.converged.all())
     assert J_sol <= J_ref + 1e-8
+
+
+@pytest.mark.parametrize("name", SYSTEMS)
+def test_whole_ladder_at_once_equals_full_step_first(name, monkeypatch):
+    """The line search's two layouts (the full step, then the rest of the ladder for the samples
+    it failed; or every step size in one rollout, as on small batches and on a GPU) pick the
+    same step for every sample: the same iterates, iteration for iteration."""
+    import diffmpc.ilqr as ilqr_module
+
+    system = make_system(name)
+    B, T = 12, 30
+    x_init = starts(name, B, seed=5)
+    out = []
+    for rows in (0, 10**9):  # 0: full step first; 10**9: the whole ladder at once
+        monkeypatch.setattr(ilqr_module, "_LADDER_ROWS", rows)
+        mpc = dm.MPC(system.n_state, 1, T, system.u_lower, system.u_upper, max_iter=15,
+                     unconverged="keep")
+        with torch.no_grad():
+            out.append(mpc(x_init, system.default_cost().quad_cost(), system))
+    split, whole = out
+    assert torch.equal(split.iterations, whole.iterations)
+    assert torch.equal(split.converged, whole.converged)
+    torch.testing.assert_close(whole.u, split.u, rtol=0, atol=1e-12)
