@@ -202,6 +202,17 @@ class TrajDynamics:
             return nxt.reshape(reps * self.B, self.n)
         return self.raw(x, u)
 
+    def stepper(self):
+        """``step`` for the T steps of one rollout: a model with a ``rollout_step()`` method
+        (``diffmpc.systems``' models) gives a one-step function with its parameter-dependent
+        constants formed once, instead of at every step (each is an operation, and at small
+        batches and on GPUs each operation costs its dispatch)."""
+        make = None if self.linear else getattr(self.raw, "rollout_step", None)
+        if make is None:
+            return self.step
+        fn = make()
+        return lambda t, x, u, reps=1: fn(x, u)
+
     def all(self, x: Tensor, u: Tensor) -> Tensor:
         """Next states for every step: x ``[B, T-1, n]``, u ``[B, T-1, m]`` -> ``[B, T-1, n]``."""
         if x.shape[-2] == 0:  # T = 1: no transition

@@ -118,8 +118,9 @@ class IterResult:
 def rollout(dyn: TrajDynamics, x_init: Tensor, u: Tensor) -> Tensor:
     """Open-loop states ``[B, T, n]`` from x_init ``[B, n]`` and controls ``[B, T, m]``."""
     xs = [x_init]
+    step = dyn.stepper()
     for t in range(u.shape[1] - 1):
-        xs.append(dyn.step(t, xs[-1], u[:, t]))
+        xs.append(step(t, xs[-1], u[:, t]))
     return torch.stack(xs, 1)
 
 
@@ -141,6 +142,7 @@ def _closed_loop(dyn, x_init, x, u, gains: Gains, alphas, lower, upper):
         los, his = lower.unbind(1), upper.unbind(1)
     xt = x_init if A == 1 else x_init.repeat(A, 1)  # [A * B, n]
     xs, us = [], []
+    step = dyn.stepper()
     for t in range(T):
         dx = xt.view(A, B, 1, n) - x0s[t].unsqueeze(1)
         ut = (Ks[t] * dx).sum(-1) + offs[t]
@@ -149,7 +151,7 @@ def _closed_loop(dyn, x_init, x, u, gains: Gains, alphas, lower, upper):
         xs.append(xt)
         us.append(ut)
         if t < T - 1:
-            xt = dyn.step(t, xt, ut.view(A * B, m), A)
+            xt = step(t, xt, ut.view(A * B, m), A)
     return torch.stack(xs, 1).view(A, B, T, n), torch.stack(us, 2)
 
 

@@ -181,6 +181,25 @@ def test_batch_equals_one_by_one(cls, method):
     assert not torch.equal(batched[0], batched[1])
 
 
+@pytest.mark.parametrize("cls", SYSTEMS)
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_rollout_step_equals_forward_and_its_gradients(cls, method):
+    """``rollout_step()`` (the constants formed once for a rollout's steps) computes exactly
+    ``forward``, and the parameters get the same gradients through a three-step rollout."""
+    sys = cls(method=method, dtype=torch.float64)
+    x, u = random_xu(sys, B=6, seed=8, dtype=torch.float64)
+    step = sys.rollout_step()
+    assert torch.equal(step(x, u), sys(x, u))
+    grads = []
+    for fn in (sys, sys.rollout_step()):
+        y = x
+        for _ in range(3):
+            y = fn(y, u)
+        grads.append(torch.autograd.grad(y.square().sum(), list(sys.parameters())))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+
+
 # --------------------------------------------- closed-form derivatives (Pendulum, Cartpole)
 
 CLOSED_FORM = {Pendulum: dict(g=9.0, m=1.3, l=0.7), Cartpole: dict(g=9.5, m_cart=1.4, m_pole=0.3, l=0.6)}

@@ -122,28 +122,42 @@ class TwoLinkArm(nn.Module):
         y2 = self.l1 * torch.sin(q[..., 0]) + 0.5 * self.l2 * torch.sin(q[..., 0] + q[..., 1])
         return kinetic + self.g * (self.m1 * y1 + self.m2 * y2)
 
-    def accel(self, x: Tensor, u: Tensor) -> Tensor:
-        """Joint accelerations ``qddot [..., 2]`` from ``x [..., 4]`` and ``u [..., 2]``."""
+    def _constants(self) -> tuple[Tensor, ...]:
+        """What ``accel`` needs of the parameters: ``a, b, d`` (``_abd``), the gravity factors
+        ``(m1/2 + m2) l1`` and ``g m2 l2 / 2``, and the damping."""
+        m1, m2, l1, l2 = self.m1, self.m2, self.l1, self.l2
+        return (*self._abd(), (0.5 * m1 + m2) * l1, self.g * 0.5 * m2 * l2, self.damping)
+
+    def accel(self, x: Tensor, u: Tensor, consts: tuple[Tensor, ...] | None = None) -> Tensor:
+        """Joint accelerations ``qddot [..., 2]`` from ``x [..., 4]`` and ``u [..., 2]``
+        (``consts``: ``_constants()``, if the caller has it)."""
         q1, q2, w1, w2 = x.unbind(-1)
-        a, b, d = self._abd()
+        a, b, d, k1, k2, damping = self._constants() if consts is None else consts
         c2, h = torch.cos(q2), b * torch.sin(q2)
-        cos12 = torch.cos(q1 + q2)
-        g1 = self.g * ((0.5 * self.m1 + self.m2) * self.l1 * torch.cos(q1))
-        g2 = self.g * 0.5 * self.m2 * self.l2 * cos12
-        r1 = u[..., 0] - self.damping * w1 + h * (2.0 * w1 * w2 + w2**2) - g1 - g2
-        r2 = u[..., 1] - self.damping * w2 - h * w1**2 - g2
+        g1 = self.g * (k1 * torch.cos(q1))
+        g2 = k2 * torch.cos(q1 + q2)
+        r1 = u[..., 0] - damping * w1 + h * (2.0 * w1 * w2 + w2**2) - g1 - g2
+        r2 = u[..., 1] - damping * w2 - h * w1**2 - g2
         m11, m12 = a + 2.0 * b * c2, d + b * c2
         det = m11 * d - m12**2  # > 0: M is positive definite
         return torch.stack([(d * r1 - m12 * r2) / det, (m11 * r2 - m12 * r1) / det], -1)
 
-    def xdot(self, x: Tensor, u: Tensor) -> Tensor:
+    def xdot(self, x: Tensor, u: Tensor, consts: tuple[Tensor, ...] | None = None) -> Tensor:
         """Continuous-time dynamics ``[dq, qddot] [..., 4]``."""
-        return torch.cat([x[..., 2:], self.accel(x, u)], -1)
+        return torch.cat([x[..., 2:], self.accel(x, u, consts)], -1)
 
     def forward(self, x: Tensor, u: Tensor) -> Tensor:
         """One step: ``x [B, 4]``, ``u [B, 2]`` -> next state ``[B, 4]``."""
         check_xu("TwoLinkArm", x, u, self.n_state, self.n_ctrl)
-        return explicit_step(self.xdot, x, u, self.dt, self.method)
+        return self.rollout_step()(x, u)
+
+    def rollout_step(self):
+        """``forward`` for the many steps of one rollout: a function ``(x, u) -> x'`` with the
+        constants (``_constants``, from the log-parameters) formed once, not at every step (four
+        times per step with RK4). Its inputs are not checked."""
+        consts = self._constants()
+        return lambda x, u: explicit_step(lambda y, v: self.xdot(y, v, consts), x, u, self.dt,
+                                          self.method)
 
     def default_cost(self, target: tuple[float, float] = (0.6, 0.4), **kwargs) -> ReachCost:
         """A ``ReachCost`` for reaching ``target`` (m) with this arm's end effector.

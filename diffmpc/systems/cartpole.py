@@ -93,40 +93,51 @@ class Cartpole(nn.Module):
         mp = self.m_pole
         return mp, self.l, (self.m_cart + mp).reciprocal()
 
-    def accel(self, cos_th: Tensor, sin_th: Tensor, thdot: Tensor, force: Tensor):
-        """Cart and pole accelerations ``(pddot, thddot)`` ``[...]`` from ``[...]`` tensors.
+    def _constants(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(m_pole, l, 1 / (m_cart + m_pole), g)``: what ``accel`` needs of the parameters."""
+        return (*self._masses(), self.g)
+
+    def accel(self, cos_th: Tensor, sin_th: Tensor, thdot: Tensor, force: Tensor,
+              consts: tuple[Tensor, ...] | None = None):
+        """Cart and pole accelerations ``(pddot, thddot)`` ``[...]`` from ``[...]`` tensors
+        (``consts``: ``_constants()``, if the caller has it).
 
         (Written in fused operations: the solver evaluates the model thousands of times per
         solve on small batches, where each operation costs its dispatch.)
         """
-        mp, l, inv_M = self._masses()
+        mp, l, inv_M, g = self._constants() if consts is None else consts
         mpl = mp * l
         a = torch.addcmul(force, mpl * sin_th, thdot * thdot) * inv_M
         denom = l * (4.0 / 3.0 - (mp * inv_M) * (cos_th * cos_th))
-        thddot = torch.addcmul(self.g * sin_th, cos_th, a, value=-1.0) / denom
+        thddot = torch.addcmul(g * sin_th, cos_th, a, value=-1.0) / denom
         pddot = torch.addcmul(a, thddot * cos_th, mpl * inv_M, value=-1.0)
         return pddot, thddot
-
-    def _qdot(self, q: Tensor, u: Tensor, cos_th: Tensor, sin_th: Tensor) -> Tensor:
-        """``q = [p, pdot, th, thdot] [..., 4]`` -> ``qdot [..., 4]`` at the given cos/sin."""
-        _, v, _, w = q.unbind(-1)
-        pddot, thddot = self.accel(cos_th, sin_th, w, u[..., 0])
-        return torch.stack([v, pddot, w, thddot], -1)
 
     def forward(self, x: Tensor, u: Tensor) -> Tensor:
         """One step: ``x [B, 5]``, ``u [B, 1]`` -> next state ``[B, 5]``."""
         check_xu("Cartpole", x, u, self.n_state, self.n_ctrl)
+        return self._step(x, u, self._constants())
+
+    def rollout_step(self):
+        """``forward`` for the many steps of one rollout: a function ``(x, u) -> x'`` with the
+        constants (``_constants``, from the log-parameters) formed once, not at every step.
+        Its inputs are not checked."""
+        consts = self._constants()
+        return lambda x, u: self._step(x, u, consts)
+
+    def _step(self, x: Tensor, u: Tensor, consts: tuple[Tensor, ...]) -> Tensor:
         p, v, c, s, w = x.unbind(-1)
         if self.method == "euler":
-            pddot, thddot = self.accel(c, s, w, u[..., 0])
+            pddot, thddot = self.accel(c, s, w, u[..., 0], consts)
             dt = self.dt
             th = torch.add(torch.atan2(s, c), w, alpha=dt)
             return torch.stack([torch.add(p, v, alpha=dt), torch.add(v, pddot, alpha=dt),
                                 torch.cos(th), torch.sin(th), torch.add(w, thddot, alpha=dt)], -1)
 
-        def qdot(q: Tensor, u: Tensor) -> Tensor:
-            th = q[..., 2]
-            return self._qdot(q, u, torch.cos(th), torch.sin(th))
+        def qdot(q: Tensor, u: Tensor) -> Tensor:  # q = [p, pdot, th, thdot]
+            _, v, th, w = q.unbind(-1)
+            pddot, thddot = self.accel(torch.cos(th), torch.sin(th), w, u[..., 0], consts)
+            return torch.stack([v, pddot, w, thddot], -1)
 
         q = torch.stack([p, v, torch.atan2(s, c), w], -1)
         p, v, th, w = explicit_step(qdot, q, u, self.dt, "rk4").unbind(-1)

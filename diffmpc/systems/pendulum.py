@@ -84,26 +84,37 @@ class Pendulum(nn.Module):
         """``(alpha, beta)`` of ``thddot = alpha sin th + beta u``."""
         return 1.5 * self.g / self.l, 3.0 / (self.m * self.l**2)
 
-    def accel(self, sin_th: Tensor, torque: Tensor) -> Tensor:
-        """Angular acceleration ``thddot [...]`` from ``sin th [...]`` and ``torque [...]``."""
-        alpha, beta = self._coeffs()
+    def accel(self, sin_th: Tensor, torque: Tensor, coeffs: tuple[Tensor, Tensor] | None = None
+              ) -> Tensor:
+        """Angular acceleration ``thddot [...]`` from ``sin th [...]`` and ``torque [...]``
+        (``coeffs``: ``_coeffs()``, if the caller has it)."""
+        alpha, beta = self._coeffs() if coeffs is None else coeffs
         return alpha * sin_th + beta * torque
-
-    def _qdot(self, q: Tensor, u: Tensor) -> Tensor:
-        """``q = [th, thdot] [..., 2]``, ``u [..., 1]`` -> ``[thdot, thddot] [..., 2]``."""
-        th, w = q.unbind(-1)
-        return torch.stack([w, self.accel(torch.sin(th), u[..., 0])], -1)
 
     def forward(self, x: Tensor, u: Tensor) -> Tensor:
         """One step: ``x [B, 3]``, ``u [B, 1]`` -> next state ``[B, 3]``."""
         check_xu("Pendulum", x, u, self.n_state, self.n_ctrl)
+        return self._step(x, u, self._coeffs())
+
+    def rollout_step(self):
+        """``forward`` for the many steps of one rollout: a function ``(x, u) -> x'`` with the
+        coefficients (``_coeffs``, from the log-parameters) formed once, not at every step.
+        Its inputs are not checked."""
+        coeffs = self._coeffs()
+        return lambda x, u: self._step(x, u, coeffs)
+
+    def _step(self, x: Tensor, u: Tensor, coeffs: tuple[Tensor, Tensor]) -> Tensor:
         c, s, w = x.unbind(-1)
         th = torch.atan2(s, c)
         if self.method == "euler":
-            w_next = w + self.dt * self.accel(s, u[..., 0])
+            w_next = w + self.dt * self.accel(s, u[..., 0], coeffs)
             th_next = th + self.dt * w_next
         else:
-            q = explicit_step(self._qdot, torch.stack([th, w], -1), u, self.dt, "rk4")
+            def qdot(q: Tensor, u: Tensor) -> Tensor:  # q = [th, thdot]
+                th, w = q.unbind(-1)
+                return torch.stack([w, self.accel(torch.sin(th), u[..., 0], coeffs)], -1)
+
+            q = explicit_step(qdot, torch.stack([th, w], -1), u, self.dt, "rk4")
             th_next, w_next = q.unbind(-1)
         return torch.stack([torch.cos(th_next), torch.sin(th_next), w_next], -1)
 
