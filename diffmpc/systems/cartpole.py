@@ -93,9 +93,12 @@ class Cartpole(nn.Module):
         mp = self.m_pole
         return mp, self.l, (self.m_cart + mp).reciprocal()
 
-    def _constants(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(m_pole, l, 1 / (m_cart + m_pole), g)``: what ``accel`` needs of the parameters."""
-        return (*self._masses(), self.g)
+    def _constants(self) -> tuple[Tensor, ...]:
+        """What ``accel`` needs of the parameters: ``l``, ``g``, ``1 / M`` (``M = m_cart +
+        m_pole``), ``m_pole l``, ``m_pole / M`` and ``m_pole l / M``."""
+        mp, l, inv_M = self._masses()
+        mpl = mp * l
+        return l, self.g, inv_M, mpl, mp * inv_M, mpl * inv_M
 
     def accel(self, cos_th: Tensor, sin_th: Tensor, thdot: Tensor, force: Tensor,
               consts: tuple[Tensor, ...] | None = None):
@@ -105,12 +108,11 @@ class Cartpole(nn.Module):
         (Written in fused operations: the solver evaluates the model thousands of times per
         solve on small batches, where each operation costs its dispatch.)
         """
-        mp, l, inv_M, g = self._constants() if consts is None else consts
-        mpl = mp * l
+        l, g, inv_M, mpl, k, mu = self._constants() if consts is None else consts
         a = torch.addcmul(force, mpl * sin_th, thdot * thdot) * inv_M
-        denom = l * (4.0 / 3.0 - (mp * inv_M) * (cos_th * cos_th))
+        denom = l * (4.0 / 3.0 - k * (cos_th * cos_th))
         thddot = torch.addcmul(g * sin_th, cos_th, a, value=-1.0) / denom
-        pddot = torch.addcmul(a, thddot * cos_th, mpl * inv_M, value=-1.0)
+        pddot = torch.addcmul(a, thddot * cos_th, mu, value=-1.0)
         return pddot, thddot
 
     def forward(self, x: Tensor, u: Tensor) -> Tensor:
