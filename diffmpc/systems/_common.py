@@ -106,3 +106,31 @@ def euler_closed_form(model: nn.Module, x: Tensor, u: Tensor) -> bool:
         return False
     check_xu(type(model).__name__, x, u, model.n_state, model.n_ctrl)
     return True
+
+
+class StepModel(nn.Module):
+    """Base of the physical models: ``forward`` checks its inputs and takes one step,
+    ``_step(x, u, self._constants())``; ``rollout_step()`` gives the same step with the
+    parameter-dependent constants formed once, for the many steps of one rollout (the solver's
+    ``TrajDynamics.stepper``). Subclasses set ``n_state``, ``n_ctrl`` and define both methods."""
+
+    n_state: int
+    n_ctrl: int
+
+    def _constants(self) -> tuple[Tensor, ...]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _step(self, x: Tensor, u: Tensor, consts: tuple[Tensor, ...]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, u: Tensor) -> Tensor:
+        """One step: ``x [B, n]``, ``u [B, m]`` -> next state ``[B, n]``."""
+        check_xu(type(self).__name__, x, u, self.n_state, self.n_ctrl)
+        return self._step(x, u, self._constants())
+
+    def rollout_step(self):
+        """``forward`` for the many steps of one rollout: a function ``(x, u) -> x'`` with the
+        constants (``_constants``, from the log-parameters) formed once, not at every step.
+        Its inputs are not checked."""
+        consts = self._constants()
+        return lambda x, u: self._step(x, u, consts)

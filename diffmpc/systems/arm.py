@@ -8,12 +8,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from diffmpc.systems._common import check_xu, explicit_step, init_step_and_bounds, log_param
+from diffmpc.systems._common import StepModel, explicit_step, init_step_and_bounds, log_param
 
 __all__ = ["TwoLinkArm", "ReachCost"]
 
 
-class TwoLinkArm(nn.Module):
+class TwoLinkArm(StepModel):
     """Two-link arm in a vertical plane (``g > 0``) or a horizontal one (``g = 0``).
 
     State ``x = [q1, q2, dq1, dq2]``: ``q1`` is the angle of link 1 from the horizontal x-axis,
@@ -146,18 +146,8 @@ class TwoLinkArm(nn.Module):
         """Continuous-time dynamics ``[dq, qddot] [..., 4]``."""
         return torch.cat([x[..., 2:], self.accel(x, u, consts)], -1)
 
-    def forward(self, x: Tensor, u: Tensor) -> Tensor:
-        """One step: ``x [B, 4]``, ``u [B, 2]`` -> next state ``[B, 4]``."""
-        check_xu("TwoLinkArm", x, u, self.n_state, self.n_ctrl)
-        return self.rollout_step()(x, u)
-
-    def rollout_step(self):
-        """``forward`` for the many steps of one rollout: a function ``(x, u) -> x'`` with the
-        constants (``_constants``, from the log-parameters) formed once, not at every step (four
-        times per step with RK4). Its inputs are not checked."""
-        consts = self._constants()
-        return lambda x, u: explicit_step(lambda y, v: self.xdot(y, v, consts), x, u, self.dt,
-                                          self.method)
+    def _step(self, x: Tensor, u: Tensor, consts: tuple[Tensor, ...]) -> Tensor:
+        return explicit_step(lambda y, v: self.xdot(y, v, consts), x, u, self.dt, self.method)
 
     def default_cost(self, target: tuple[float, float] = (0.6, 0.4), **kwargs) -> ReachCost:
         """A ``ReachCost`` for reaching ``target`` (m) with this arm's end effector.

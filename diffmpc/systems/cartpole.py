@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffmpc.cost import GoalCost
 from diffmpc.systems._common import (
+    StepModel,
     angle_derivatives,
     angle_output_curvature,
-    check_xu,
     euler_closed_form,
     explicit_step,
     init_step_and_bounds,
@@ -19,7 +19,7 @@ from diffmpc.systems._common import (
 __all__ = ["Cartpole"]
 
 
-class Cartpole(nn.Module):
+class Cartpole(StepModel):
     """Cart-pole swing-up model with learnable gravity, masses and pole half-length.
 
     State ``x = [p, pdot, cos th, sin th, thdot]`` (cart position, its velocity, pole angle
@@ -114,18 +114,6 @@ class Cartpole(nn.Module):
         thddot = torch.addcmul(g * sin_th, cos_th, a, value=-1.0) / denom
         pddot = torch.addcmul(a, thddot * cos_th, mu, value=-1.0)
         return pddot, thddot
-
-    def forward(self, x: Tensor, u: Tensor) -> Tensor:
-        """One step: ``x [B, 5]``, ``u [B, 1]`` -> next state ``[B, 5]``."""
-        check_xu("Cartpole", x, u, self.n_state, self.n_ctrl)
-        return self._step(x, u, self._constants())
-
-    def rollout_step(self):
-        """``forward`` for the many steps of one rollout: a function ``(x, u) -> x'`` with the
-        constants (``_constants``, from the log-parameters) formed once, not at every step.
-        Its inputs are not checked."""
-        consts = self._constants()
-        return lambda x, u: self._step(x, u, consts)
 
     def _step(self, x: Tensor, u: Tensor, consts: tuple[Tensor, ...]) -> Tensor:
         p, v, c, s, w = x.unbind(-1)

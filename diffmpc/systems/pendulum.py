@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffmpc.cost import GoalCost
 from diffmpc.systems._common import (
+    StepModel,
     angle_derivatives,
     angle_output_curvature,
-    check_xu,
     euler_closed_form,
     explicit_step,
     init_step_and_bounds,
@@ -19,7 +19,7 @@ from diffmpc.systems._common import (
 __all__ = ["Pendulum"]
 
 
-class Pendulum(nn.Module):
+class Pendulum(StepModel):
     """Pendulum swing-up model with learnable gravity, mass and length.
 
     State ``x = [cos th, sin th, thdot]`` with ``th = 0`` upright (counter-clockwise positive);
@@ -91,17 +91,8 @@ class Pendulum(nn.Module):
         alpha, beta = self._coeffs() if coeffs is None else coeffs
         return alpha * sin_th + beta * torque
 
-    def forward(self, x: Tensor, u: Tensor) -> Tensor:
-        """One step: ``x [B, 3]``, ``u [B, 1]`` -> next state ``[B, 3]``."""
-        check_xu("Pendulum", x, u, self.n_state, self.n_ctrl)
-        return self._step(x, u, self._coeffs())
-
-    def rollout_step(self):
-        """``forward`` for the many steps of one rollout: a function ``(x, u) -> x'`` with the
-        coefficients (``_coeffs``, from the log-parameters) formed once, not at every step.
-        Its inputs are not checked."""
-        coeffs = self._coeffs()
-        return lambda x, u: self._step(x, u, coeffs)
+    def _constants(self) -> tuple[Tensor, Tensor]:
+        return self._coeffs()
 
     def _step(self, x: Tensor, u: Tensor, coeffs: tuple[Tensor, Tensor]) -> Tensor:
         c, s, w = x.unbind(-1)
