@@ -60,7 +60,8 @@ class SolverOptions:
         time_parallel: compute the Riccati passes of linear-quadratic solves (unconstrained, the
             active-set passes, the implicit backward), their rollouts and the costates as scans
             over time (``diffmpc.parallel``): about ``log2 T`` levels of batched operations
-            instead of T sequential steps, for more arithmetic. None: on CUDA tensors, where
+            instead of T sequential steps, for about log2 T times the arithmetic and a few
+            ``[T, B, n, 3n+2]`` tensors per level of memory. None: on CUDA tensors, where
             each operation costs a kernel launch, up to very large batches, and on the CPU for
             one sample over 20 steps or more (``auto_time_parallel``). The box-DDP steps stay
             sequential.
