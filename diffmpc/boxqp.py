@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BoxQPResult", "box_qp", "masked_cholesky"]
+__all__ = ["BoxQPResult", "box_qp", "free_masks", "masked_cholesky"]
 
 
 @dataclass
@@ -37,20 +37,26 @@ class BoxQPResult:
     iterations: Tensor
 
 
-def masked_cholesky(H: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
+def free_masks(free: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``free [..., m]`` bool -> (``free_i & free_j`` bool, ``diag(~free)`` as ``dtype``), both
+    ``[..., m, m]``: what ``masked_cholesky`` needs, formed once for several factors."""
+    return free.unsqueeze(-1) & free.unsqueeze(-2), torch.diag_embed((~free).to(dtype))
+
+
+def masked_cholesky(H: Tensor, free: Tensor,
+                    masks: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Cholesky factor of H restricted to the free indices (identity on the others).
 
     Args:
         H: ``[..., m, m]`` symmetric.
         free: ``[..., m]`` bool.
+        masks: ``free_masks(free, H.dtype)``, if the caller has it.
 
     Returns:
         L ``[..., m, m]`` and info ``[...]`` (0 where the factorization succeeded).
     """
-    mask = free.unsqueeze(-1) & free.unsqueeze(-2)
-    Hf = torch.where(mask, H, torch.zeros((), dtype=H.dtype, device=H.device))
-    Hf = Hf + torch.diag_embed((~free).to(H.dtype))
-    return torch.linalg.cholesky_ex(Hf)
+    both, held_eye = free_masks(free, H.dtype) if masks is None else masks
+    return torch.linalg.cholesky_ex(torch.where(both, H, 0.0) + held_eye)
 
 
 def _clamped(x: Tensor, g: Tensor, lower: Tensor, upper: Tensor, eps: Tensor | float = 0.0):

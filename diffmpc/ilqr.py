@@ -9,8 +9,8 @@ One iteration, for the samples that have not converged yet:
   3. line search: the full step's closed-loop rollout, then, for the samples where it did not
      lower the cost, the rest of the step-size ladder at once (on small batches and on a GPU,
      the whole ladder in one rollout); each sample takes the largest step whose cost is lower, or
-     keeps its trajectory. A sample whose Newton step found no lower cost takes the Gauss-Newton step of
-     the same expansion (its Riccati pass and line search) in the same iteration.
+     keeps its trajectory. A sample whose Newton step found no lower cost takes the Gauss-Newton
+     step of the same expansion (its Riccati pass and line search) in the same iteration.
 A sample has converged when its Newton step (or its accepted step) is below ``tol``, or when no
 step lowers its cost and the predicted decrease is at the rounding floor. Converged samples are
 not touched again; the current iterate of a sample is always its best one.
@@ -243,10 +243,12 @@ class _State:
                         for f in fields(self)))
 
 
-def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph, exact) -> _State:
+def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph, exact,
+             parallel) -> _State:
     """One box-DDP iteration on a sub-batch.
 
     ``exact``: the problem is an unconstrained LQR, so the full step is the solution.
+    ``parallel``: the solve's ``time_parallel`` choice (for the KKT check's costate).
     """
     x, u, J, reg = s.x, s.u, s.J, s.reg
     H, c = cost.quadratize(x, u, create_graph=create_graph)
@@ -305,7 +307,7 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
         if cand.numel() > 0:
             Fh = None if gains.Fh is None else gains.Fh[:, cand]
             ok = _kkt_satisfied(cost.subset(cand), Fh, x_new[cand], u_new[cand], lower[cand],
-                                upper[cand], opts.parallel_for(x_init, x.shape[1]))
+                                upper[cand], parallel)
             conv = conv.index_put((cand,), ok)
     if opts.second_order and not (dyn.linear and cost.quadratic):
         # a stationary initial iterate can be a saddle or a maximum (a pendulum hanging at rest
@@ -574,11 +576,11 @@ def ilqr(
         if act.numel() == 0:
             break
         if act.numel() == B:
-            s = _iterate(x_init, cost, dyn, s, lower, upper, opts, tol, create_graph, exact)
+            s = _iterate(x_init, cost, dyn, s, lower, upper, opts, tol, create_graph, exact, par)
         else:
             sub = _take(act)
             part = _iterate(sub(x_init), cost.subset(act), dyn.subset(act), s.take(act),
-                            sub(lower), sub(upper), opts, tol, create_graph, exact)
+                            sub(lower), sub(upper), opts, tol, create_graph, exact, par)
             s = s.put(act, part)
         iters = iters.index_add(0, act, torch.ones_like(act))
     # a box-constrained LQ problem solved by the active-set passes: their factorization serves

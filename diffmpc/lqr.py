@@ -18,14 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffmpc.boxqp import box_qp, masked_cholesky
-from diffmpc.parallel import (
-    affine_suffix,
-    free_masks,
-    gains_from_values,
-    prefix_products,
-    value_scan,
-)
+from diffmpc.boxqp import box_qp, free_masks, masked_cholesky
+from diffmpc.parallel import affine_suffix, gains_from_values, prefix_products, value_scan
 
 __all__ = ["Gains", "riccati", "feedforward", "rollout_affine", "costate", "time_major"]
 
@@ -170,8 +164,8 @@ def riccati(
             is formed here when small enough.
         parallel: in fixed-set or unconstrained mode without ``reg`` and ``uu_floor``, compute
             the recursion as a scan over time (``diffmpc.parallel``: about log2 T levels of
-            operations instead of T steps); it needs each ``C_uu`` positive definite on the free controls
-            and falls back to the sequential recursion where one is not.
+            operations instead of T steps); it needs each ``C_uu`` positive definite on the free
+            controls and falls back to the sequential recursion where one is not.
 
     Returns:
         Gains (K, k, L are batch-first views of time-major storage).

@@ -418,6 +418,7 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
     if res.gains is not None and res.gains.Fh is not None:
         Fx = res.gains.Fh[:, :, 1:, 1:n + 1]
     lam = None  # the costate at the solution (for LQ problems ``_lq_residual`` forms it)
+    par = opts.parallel_for(x_init, x.shape[1])
     with torch.no_grad():
         F = dyn.jacobian(x[:, :-1], u[:, :-1])
         Fx = time_major(F[..., :n]) if Fx is None else Fx
@@ -427,13 +428,12 @@ def _implicit(x_init, cost, dyn, res: IterResult, lower, upper, exact: bool, opt
             H, g = cost.quadratize(x, u)
             if not (exact or cost.quadratic):  # Gauss-Newton: the forward's convexified Hessian
                 H = clip_eigenvalues(H, opts.psd_floor)
-            lam = costate(g[..., :n], Fx, opts.parallel_for(x_init, x.shape[1]))
+            lam = costate(g[..., :n], Fx, par)
             if exact:
                 H = dyn.lagrangian_hessian(H, x, u, lam)
     free = ~held
     reuse = res.gains if (lq and res.gains is not None
                           and torch.equal(res.gains.free, free)) else None
-    par = opts.parallel_for(x_init, x.shape[1])
     data = (H, F, free, reuse, par)
 
     def residual(xs, us, lam_of, need_tau=None):

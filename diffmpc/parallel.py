@@ -23,33 +23,34 @@ Shapes are time-major, as in ``lqr``: ``[T, B, ...]``; B batch, n state, m contr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["suffix_scan", "prefix_products", "affine_suffix", "value_scan", "gains_from_values",
-           "free_masks"]
+from diffmpc.boxqp import free_masks, masked_cholesky
+
+__all__ = ["suffix_scan", "prefix_products", "affine_suffix", "value_scan", "gains_from_values"]
 
 
-def suffix_scan(elems: Sequence[Tensor], combine: Callable) -> tuple[Tensor, ...]:
+def suffix_scan(x: Tensor, combine: Callable[[Tensor, Tensor, bool], Tensor]) -> Tensor:
     """All suffix combinations ``e_t * e_{t+1} * ... * e_{T-1}`` of an associative ``combine``.
 
     Args:
-        elems: tensors ``[T, ...]``, together one element per step.
-        combine: ``combine(earlier, later)`` of two tuples of tensors ``[k, ...]`` (k steps each),
-            a tuple like them.
+        x: ``[T, ...]``, one element per step.
+        combine: ``combine(earlier, later, last)`` of two ``[k, ...]`` tensors (k elements each),
+            a tensor like them; ``last``: this is the final level, whose results no later level
+            combines again (a combine may skip what only those would read).
 
     Returns:
-        tuple of tensors ``[T, ...]``: at t, the combination of steps t to T-1.
+        ``[T, ...]``: at t, the combination of steps t to T-1.
     """
-    T = elems[0].shape[0]
+    T = x.shape[0]
     s = 1
-    while s < T:  # elems[t] covers steps t .. t+s-1 (clipped at T)
-        head = combine(tuple(e[:T - s] for e in elems), tuple(e[s:] for e in elems))
-        elems = tuple(torch.cat([h, e[T - s:]]) for h, e in zip(head, elems, strict=True))
+    while s < T:  # x[t] covers steps t .. t+s-1 (clipped at T)
+        x = torch.cat([combine(x[:T - s], x[s:], 2 * s >= T), x[T - s:]])
         s *= 2
-    return elems
+    return x
 
 
 def prefix_products(M: Tensor) -> Tensor:
@@ -82,20 +83,8 @@ def affine_suffix(a: Tensor, M: Tensor | None) -> Tensor:
     H[..., 0, 0] = 1.0
     H[..., 1:, 0] = a
     H[:-1, :, 1:, 1:] = M
-    (S,) = suffix_scan((H,), lambda first, then: (first[0] @ then[0],))
+    S = suffix_scan(H, lambda first, then, last: first @ then)
     return S[..., 1:, 0]
-
-
-def _masked_cholesky(H: Tensor, mask: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """``boxqp.masked_cholesky`` with the masks formed once (``free_masks``) for several factors."""
-    both, held_eye = mask
-    return torch.linalg.cholesky_ex(torch.addcmul(held_eye, H, both))
-
-
-def free_masks(free: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``free [..., m]`` -> (``free_i & free_j``, ``diag(~free)``) ``[..., m, m]`` as ``dtype``."""
-    f = free.to(dtype)
-    return f.unsqueeze(-1) * f.unsqueeze(-2), torch.diag_embed(1.0 - f)
 
 
 def _elements(Ch: Tensor, Fh: Tensor | None, free: Tensor, mask, n: int):
@@ -104,7 +93,7 @@ def _elements(Ch: Tensor, Fh: Tensor | None, free: Tensor, mask, n: int):
     Args:
         Ch: ``[T, B, p+1, p+1]`` homogeneous costs (``lqr.homogeneous_cost``).
         Fh: ``[T-1, B, n+1, p+1]`` homogeneous dynamics (``lqr.homogeneous_dynamics``).
-        free: ``[T, B, m]`` bool; mask: its ``free_masks``.
+        free: ``[T, B, m]`` bool; mask: its ``boxqp.free_masks``.
 
     Returns:
         P = ``[A | b | C | J | r]`` ``[T, B, n, 3n+2]`` (A, b, C zero at the last step), and
@@ -117,7 +106,7 @@ def _elements(Ch: Tensor, Fh: Tensor | None, free: Tensor, mask, n: int):
     T, B = Ch.shape[:2]
     f = free.unsqueeze(-1).to(Ch.dtype)
     Rc = Ch[..., n + 1:, :n + 1] * f  # [c_u | C_ux], held rows zero
-    L, info = _masked_cholesky(Ch[..., n + 1:, n + 1:], mask)
+    L, info = masked_cholesky(Ch[..., n + 1:, n + 1:], free, mask)
     if T > 1:
         Fu_t = torch.nn.functional.pad(Fh[..., 1:, n + 1:].mT * f[:-1], (0, 0, 0, 0, 0, 0, 0, 1))
         W = torch.cholesky_solve(torch.cat([Rc, Fu_t], -1), L)  # [T, B, m, 2n+1]
@@ -180,7 +169,7 @@ def value_scan(Ch: Tensor, Fh: Tensor | None, free: Tensor, n: int,
         Ch: ``[T, B, p+1, p+1]`` homogeneous costs.
         Fh: ``[T-1, B, n+1, p+1]`` homogeneous dynamics, None if T = 1.
         free: ``[T, B, m]`` bool, the controls not held.
-        mask: ``free_masks(free)``, if the caller has it.
+        mask: ``boxqp.free_masks(free)``, if the caller has it.
 
     Returns:
         G = ``[J | r]`` ``[T, B, n, n+1]``, and ``[B]`` bool: the elimination worked (each
@@ -191,11 +180,7 @@ def value_scan(Ch: Tensor, Fh: Tensor | None, free: Tensor, n: int,
     P, ok = _elements(Ch, Fh, free, mask, n)
     if not bool(ok.all()):  # the caller falls back to the sequential recursion: no scan
         return P[..., 2 * n + 1:], ok
-    T, s = P.shape[0], 1
-    while s < T:  # P[t] covers steps t .. t+s-1 (clipped at T): suffix_scan, inlined for `last`
-        P = torch.cat([_combine(P[:T - s], P[s:], last=2 * s >= T), P[T - s:]])
-        s *= 2
-    G = P[..., 2 * n + 1:]
+    G = suffix_scan(P, _combine)[..., 2 * n + 1:]
     return G, ok & torch.isfinite(G).flatten(2).all(-1).all(0)
 
 
@@ -205,7 +190,7 @@ def gains_from_values(Ch: Tensor, Fh: Tensor | None, G: Tensor, free: Tensor, n:
 
     ``Qh_t = Ch_t + Fh_t' Vh_{t+1} Fh_t`` (``Vh = [[0, r'], [r, J]]``; ``Qh_{T-1} = Ch_{T-1}``),
     then ``[k | K] = -Q_uu^-1 [q_u | Q_ux]`` on the free controls, as in ``lqr.riccati``.
-    ``mask``: ``free_masks(free)``, if the caller has it.
+    ``mask``: ``boxqp.free_masks(free)``, if the caller has it.
 
     Returns:
         Kh ``[T, B, m, n+1]``, L ``[T, B, m, m]`` (masked Cholesky factors of Q_uu), info
@@ -221,6 +206,6 @@ def gains_from_values(Ch: Tensor, Fh: Tensor | None, G: Tensor, free: Tensor, n:
         Q = torch.cat([torch.baddbmm(Ch[:-1].flatten(0, 1), Fh2.mT @ Vh.flatten(0, 1), Fh2)
                        .unflatten(0, (T - 1, -1)), Ch[-1:]])
     Quu, R = Q[..., n + 1:, n + 1:], Q[..., n + 1:, :n + 1]
-    L, info = _masked_cholesky(Quu, free_masks(free, Ch.dtype) if mask is None else mask)
+    L, info = masked_cholesky(Quu, free, mask)
     Kh = torch.cholesky_solve(R * free.unsqueeze(-1).to(R.dtype), L).neg()
     return Kh, L, info, Quu, R[..., 0]

@@ -25,7 +25,7 @@ def _mats(T, B=3, k=4, seed=0):
 @pytest.mark.parametrize("T", LENGTHS)
 def test_suffix_scan_of_matrix_products_equals_a_loop(T):
     M = _mats(T)
-    (S,) = suffix_scan((M,), lambda a, b: (a[0] @ b[0],))
+    S = suffix_scan(M, lambda earlier, later, last: earlier @ later)
     for t in range(T):
         ref = M[t]
         for s in range(t + 1, T):
