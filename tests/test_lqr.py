@@ -609,13 +609,17 @@ def test_matvec_pair_gradients_match_finite_differences():
     assert gradcheck(lambda *a: matvec_pair(*a)[1], (A, x, y))
 
 
+@pytest.mark.parametrize("storage", ["batch-first", "batch-last"])
 @pytest.mark.parametrize("mode", ["plain", "box", "fixed", "box+reg", "reg+floor", "box+floor"])
-def test_one_control_recursion_equals_the_general_one(make_problem, monkeypatch, mode):
+def test_one_control_recursion_equals_the_general_one(make_problem, monkeypatch, mode, storage):
     """``riccati`` takes a vector shortcut for one control; the general recursion (Cholesky
     factorizations, forced by not materializing Ch) must give the same gains in every mode,
-    regularized and floored ones included, and flag the same indefinite control block."""
+    regularized and floored ones included, and flag the same indefinite control block. The
+    shortcut stores its steps batch-first (``bmm``) or, on larger CPU batches, batch-last
+    (broadcast products): both are checked here on the same batch."""
     from diffmpc import lqr
 
+    monkeypatch.setattr(lqr, "_SOA_MIN_BATCH", 1 if storage == "batch-last" else 10**9)
     prob = make_problem(5, 7, 4, 1, seed=3)
     B, T, n, m = prob.sizes
     C = prob.C.clone()
@@ -645,3 +649,30 @@ def test_one_control_recursion_equals_the_general_one(make_problem, monkeypatch,
             torch.testing.assert_close(a[ok], b[ok], rtol=1e-10, atol=1e-12, msg=name)
     if mode == "plain":  # the indefinite block is reported (a held control needs no curvature)
         assert not bool(fast.ok[0]) and bool(fast.ok[1:].all())
+
+
+@pytest.mark.parametrize("box", [False, True])
+def test_one_control_batch_stored_batch_last_matches_cvxpy(make_problem, reference, box):
+    """A one-control batch large enough for the batch-last recursion (``_SOA_MIN_BATCH``) on the
+    CPU, against cvxpy sample by sample, with gradients against the same solve one sample at a
+    time (the batch-first recursion)."""
+    from diffmpc import lqr
+
+    B = lqr._SOA_MIN_BATCH + 4
+    prob = make_problem(B, 6, 3, 1, seed=21)
+    lo, hi = (-0.3, 0.3) if box else (None, None)
+    ref = reference(prob, lo, hi)
+    leaves = tensors(prob, True)
+    sol = solve(*leaves, lo, hi)
+    assert bool(sol.converged.all())
+    assert (sol.u - ref.u).abs().max() <= 1e-6
+    if box:
+        assert 0.1 <= float(((sol.u.abs() - 0.3).abs() <= 1e-9).double().mean()) <= 0.9
+    W = torch.randn(sol.u.shape, generator=torch.Generator().manual_seed(5), dtype=sol.u.dtype)
+    grads = torch.autograd.grad((sol.u * W).sum(), leaves)
+    for i in (0, B - 1):
+        one = [t[i:i + 1].detach().clone().requires_grad_(True) for t in leaves]
+        s1 = solve(*one, lo, hi)
+        g1 = torch.autograd.grad((s1.u * W[i:i + 1]).sum(), one)
+        for name, a, b in zip(NAMES, g1, grads, strict=True):
+            torch.testing.assert_close(a[0], b[i], rtol=1e-8, atol=1e-10, msg=name)
