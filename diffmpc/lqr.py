@@ -110,9 +110,15 @@ def reusable_cost(C: Tensor) -> bool:
     return _ch_bytes(C) <= max(_CH_MAX_BYTES, 2 * C.untyped_storage().nbytes())
 
 
-def homogeneous_cost(C: Tensor, c: Tensor) -> Tensor:
+def homogeneous_cost(C: Tensor, c: Tensor, batch_last: bool = False) -> Tensor:
     """``[[0, c'], [c, C]]``, time-major ``[T, B, p+1, p+1]``: the cost ``1/2 tau' C tau + c' tau``
-    as the quadratic form ``1/2 [1; tau]' Ch [1; tau]``."""
+    as the quadratic form ``1/2 [1; tau]' Ch [1; tau]``. ``batch_last``: stored ``[T, p+1, p+1,
+    B]`` instead (``_scalar_riccati``'s storage on CPU batches)."""
+    if batch_last:
+        out = C.new_zeros(C.shape[1], C.shape[2] + 1, C.shape[3] + 1, C.shape[0])
+        out[:, 1:, 1:] = C.permute(1, 2, 3, 0)
+        out[:, 0, 1:] = out[:, 1:, 0] = c.permute(1, 2, 0)
+        return out
     out = torch.nn.functional.pad(C.transpose(0, 1), (1, 0, 1, 0))
     ct = c.transpose(0, 1)
     out[..., 0, 1:] = ct
@@ -183,8 +189,12 @@ def riccati(
     # small problems: Ch for all steps at once (one fused product per step); large ones: C_t and
     # c_t added per step (Ch would be a fresh, page-faulted block of memory at every call)
     parallel = parallel and lower is None and reg is None and uu_floor is None
+    # one control on a CPU batch: the scalar pass stores its steps batch-last (_scalar_step_q)
+    soa = p - n == 1 and not C.is_cuda and B >= _SOA_MIN_BATCH and not parallel
     if Ch is None and (parallel or _ch_bytes(C) < _CH_MAX_BYTES):
-        Ch = homogeneous_cost(C, c)
+        Ch = homogeneous_cost(C, c, batch_last=soa)
+    elif soa and Ch is not None:
+        Ch = Ch.permute(0, 2, 3, 1).contiguous()
     if parallel:
         gains = _parallel_riccati(Ch, Fh, n, free, expected)
         if gains is not None:
@@ -196,7 +206,7 @@ def riccati(
     short = reg is None or not bool(reg.any())
     if p - n == 1 and Ch is not None:  # one control: a shortcut in vector operations
         return _scalar_riccati(Ch, Fh, n, lower, upper, free, None if short else reg, uu_floor,
-                               expected)
+                               expected, soa)
     eye = None if reg is None else torch.eye(p - n, dtype=C.dtype, device=C.device)
     Vh = None
     for t in range(T - 1, -1, -1):
@@ -255,7 +265,8 @@ def _parallel_riccati(Ch, Fh, n, free, expected) -> Gains | None:
     return Gains(K, k, free, dV, (info == 0).all(0), L.transpose(0, 1), Fh, True, G)
 
 
-def _scalar_step_q(Ct: Tensor, Ft: Tensor | None, Vh: Tensor | None, soa: bool) -> Tensor:
+def _scalar_step_q(Ct: Tensor, Ft: Tensor | None, Vh: Tensor | None, soa: bool,
+                   work: tuple[Tensor, ...] = ()) -> Tensor:
     """A step's ``Qh = Ch_t + Fh_t' Vh Fh_t`` as ``[p+1, p+1, B]`` (batch last), from the step's
     ``Ct``, ``Ft`` and the next value ``Vh [n+1, n+1, B]``.
 
@@ -263,31 +274,36 @@ def _scalar_step_q(Ct: Tensor, Ft: Tensor | None, Vh: Tensor | None, soa: bool) 
     and sums over contiguous rows of B numbers. On a CPU that is several times faster than
     ``bmm`` on matrices of a few rows (which runs a scalar loop per matrix there). Otherwise they
     are batch-first (``[B, ., .]``): one ``baddbmm`` pair, returned as a batch-last view.
+    ``work``: the batch-last products' buffers ``[n+1, p+1, n+1, B]``, ``[p+1, n+1, B]`` and
+    ``[p+1, n+1, p+1, B]``.
     """
     if Vh is None:
         return Ct if soa else Ct.permute(1, 2, 0)
     if soa:
-        FV = (Ft.unsqueeze(2) * Vh.unsqueeze(1)).sum(0)  # Fh' Vh [p+1, n+1, B]
-        return (FV.unsqueeze(2) * Ft.unsqueeze(0)).sum(1).add_(Ct)
+        # the products' terms go to the pass's workspace (fresh blocks of this size would be
+        # page-faulted memory at every step)
+        t1, FV, t2 = work
+        torch.sum(torch.mul(Ft.unsqueeze(2), Vh.unsqueeze(1), out=t1), 0, out=FV)  # Fh' Vh
+        return torch.mul(FV.unsqueeze(2), Ft.unsqueeze(0), out=t2).sum(1).add_(Ct)
     return torch.baddbmm(Ct, Ft.mT @ Vh.permute(2, 0, 1), Ft).permute(1, 2, 0)
 
 
-def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected) -> Gains:
+def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected, soa) -> Gains:
     """``riccati`` for one control, with ``Ch`` materialized: each step's control Hessian is a
     number per sample, so the step works on ``[B]`` and ``[n+1, B]`` vectors in about half the
     operations of the general step (at small batches each costs its dispatch, and nonlinear
     solves of one-control systems run this recursion every iteration). Same results.
 
-    The step's vectors and matrices are indexed batch-last. On a CPU with at least
-    ``_SOA_MIN_BATCH`` samples they are also stored so (one copy of Ch and Fh per pass):
-    ``_scalar_step_q``.
+    The step's vectors and matrices are indexed batch-last. ``soa``: they are also stored so
+    (``_scalar_step_q``), and ``Ch`` comes as ``[T, p+1, p+1, B]`` (``Fh`` is copied so here).
     """
-    T, B = Ch.shape[:2]
-    soa = not Ch.is_cuda and B >= _SOA_MIN_BATCH
-    Chs = (Ch.permute(0, 2, 3, 1).contiguous() if soa else Ch).unbind(0)
-    Fhs = None
+    T, B = Ch.shape[0], Ch.shape[-1] if soa else Ch.shape[1]
+    Chs, Fhs, work = Ch.unbind(0), None, ()
     if Fh is not None:
         Fhs = (Fh.permute(0, 2, 3, 1).contiguous() if soa else Fh).unbind(0)
+        if soa:
+            q, v = Fh.shape[-1], n + 1  # p+1, n+1
+            work = (Fh.new_empty(v, q, v, B), Fh.new_empty(q, v, B), Fh.new_empty(q, v, q, B))
     los = his = None
     if lower is not None:
         los, his = lower[..., 0].unbind(1), upper[..., 0].unbind(1)
@@ -296,7 +312,7 @@ def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected) -> G
     khs, frees, qus, hs, h_rs = ([None] * T for _ in range(5))
     Vh = None
     for t in range(T - 1, -1, -1):
-        Q = _scalar_step_q(Chs[t], None if Vh is None else Fhs[t], Vh, soa)
+        Q = _scalar_step_q(Chs[t], None if Vh is None else Fhs[t], Vh, soa, work)
         h, r = Q[-1, -1], Q[-1, :-1]  # Quu [B]; [qu; Qux] [n+1, B]
         if uu_floor is not None:
             h = torch.maximum(h, uu_floor)
