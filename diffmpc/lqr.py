@@ -275,13 +275,16 @@ def _scalar_step_q(Ct: Tensor, Ft: Tensor | None, Vh: Tensor | None, soa: bool,
     ``bmm`` on matrices of a few rows (which runs a scalar loop per matrix there). Otherwise they
     are batch-first (``[B, ., .]``): one ``baddbmm`` pair, returned as a batch-last view.
     ``work``: the batch-last products' buffers ``[n+1, p+1, n+1, B]``, ``[p+1, n+1, B]`` and
-    ``[p+1, n+1, p+1, B]``.
+    ``[p+1, n+1, p+1, B]``, or none where autograd records the pass.
     """
     if Vh is None:
         return Ct if soa else Ct.permute(1, 2, 0)
     if soa:
         # the products' terms go to the pass's workspace (fresh blocks of this size would be
         # page-faulted memory at every step)
+        if not work:  # recorded for autograd (unrolled gradients): no out= buffers
+            FV = (Ft.unsqueeze(2) * Vh.unsqueeze(1)).sum(0)
+            return (FV.unsqueeze(2) * Ft.unsqueeze(0)).sum(1) + Ct
         t1, FV, t2 = work
         torch.sum(torch.mul(Ft.unsqueeze(2), Vh.unsqueeze(1), out=t1), 0, out=FV)  # Fh' Vh
         return torch.mul(FV.unsqueeze(2), Ft.unsqueeze(0), out=t2).sum(1).add_(Ct)
@@ -301,7 +304,10 @@ def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected, soa)
     Chs, Fhs, work = Ch.unbind(0), None, ()
     if Fh is not None:
         Fhs = (Fh.permute(0, 2, 3, 1).contiguous() if soa else Fh).unbind(0)
-        if soa:
+        taped = torch.is_grad_enabled() and any(z.requires_grad for z in (Ch, Fh, lower, upper,
+                                                                           reg, uu_floor)
+                                                 if z is not None)
+        if soa and not taped:
             q, v = Fh.shape[-1], n + 1  # p+1, n+1
             work = (Fh.new_empty(v, q, v, B), Fh.new_empty(q, v, B), Fh.new_empty(q, v, q, B))
     los = his = None

@@ -364,6 +364,22 @@ def test_unrolled_and_implicit_gradients_agree_when_converged(name):
         assert rel_err(b, a) <= 1e-6
 
 
+def test_batch_stored_batch_last_matches_fd_and_unrolling():
+    """From ``_SOA_MIN_BATCH`` samples on a CPU, the one-control Riccati pass stores its steps
+    batch-last (with autograd recording it in unrolled mode): the gradients still match central
+    differences and agree with unrolling."""
+    from diffmpc import lqr
+
+    B = lqr._SOA_MIN_BATCH + 2
+    x0 = exact_starts("pendulum").repeat(B, 1)[:B]
+    x0 = x0 + 0.01 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=DT)
+    prob = Problem("pendulum", x0)
+    tensors = [*prob.system.parameters(), *prob.cost.parameters(), prob.x_init]
+    for a, b in zip(prob.grads(tensors, "implicit"), prob.grads(tensors, "unroll"), strict=True):
+        assert rel_err(b, a) <= 1e-6
+    assert max(prob.check_directional(tensors, seeds=(1,))) <= 1e-5
+
+
 @pytest.mark.usefixtures("recursion")
 def test_gradient_wrt_bound_tensors_matches_fd():
     """u_lower / u_upper tensors requiring grad, with controls active at both bounds."""
@@ -699,3 +715,44 @@ def test_whole_ladder_at_once_equals_full_step_first(name, monkeypatch):
     assert torch.equal(split.iterations, whole.iterations)
     assert torch.equal(split.converged, whole.converged)
     torch.testing.assert_close(whole.u, split.u, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", ["C and c", "C", "neither"])
+def test_quadratic_stage_costs_and_subsets_against_explicit_sums(shared):
+    """``TrajCost.value`` (one matrix product when C is shared by every sample and step), on a
+    trajectory and on a line search's stack of them, and its gradients, against the explicit
+    sum ``1/2 tau' C tau + c' tau``; a subset of a shared C stays shared."""
+    from diffmpc.expand import TrajCost
+
+    B, T, n, m = 5, 4, 3, 2
+    p = n + m
+    g = torch.Generator().manual_seed(8)
+    L = torch.randn(p, p, generator=g, dtype=DT)
+    C = (L @ L.T + torch.eye(p, dtype=DT)) if shared != "neither" else None
+    if C is None:
+        L = torch.randn(B, T, p, p, generator=g, dtype=DT)
+        C = L @ L.mT
+    c = torch.randn(p, generator=g, dtype=DT) if shared == "C and c" else torch.randn(
+        B, T, p, generator=g, dtype=DT)
+    C, c = C.requires_grad_(True), c.requires_grad_(True)
+    cost = TrajCost(dm.QuadCost(C, c), B, T, n, m)
+    for lead in ((), (3,)):
+        x = torch.randn(*lead, B, T, n, generator=g, dtype=DT, requires_grad=True)
+        u = torch.randn(*lead, B, T, m, generator=g, dtype=DT, requires_grad=True)
+        tau = torch.cat([x, u], -1)
+        Cf, cf = C.expand(B, T, p, p), c.expand(B, T, p)
+        ref = 0.5 * torch.einsum("...i,...ij,...j->...", tau, Cf, tau) + (tau * cf).sum(-1)
+        got = cost.value(x, u)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        W = torch.randn(ref.shape, generator=g, dtype=DT)
+        for a, b in zip(torch.autograd.grad((got * W).sum(), (x, u, C, c)),
+                        torch.autograd.grad((ref * W).sum(), (x, u, C, c)), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        with torch.inference_mode():  # the solver's line search: formed in place
+            torch.testing.assert_close(cost.value(x.detach(), u.detach()), ref.detach(),
+                                       rtol=1e-12, atol=1e-12)
+    idx = torch.tensor([3, 0])
+    sub = cost.subset(idx)
+    assert sub.C.shape == (2, T, p, p) and (sub.C.stride(0) == 0) == (shared != "neither")
+    torch.testing.assert_close(sub.value(x[0, idx], u[0, idx]), cost.value(x[0], u[0])[idx],
+                               rtol=1e-12, atol=1e-12)
