@@ -189,7 +189,7 @@ class TrajDynamics:
         out.__dict__.update(self.__dict__)
         out.B = idx.numel()
         if self.linear:
-            out.F, out.f = self.F[idx], self.f[idx]
+            out.F, out.f = _take_rows(self.F, idx), _take_rows(self.f, idx)
         return out
 
     def step(self, t: int, x: Tensor, u: Tensor, reps: int = 1) -> Tensor:
