@@ -115,9 +115,10 @@ def homogeneous_cost(C: Tensor, c: Tensor, batch_last: bool = False) -> Tensor:
     as the quadratic form ``1/2 [1; tau]' Ch [1; tau]``. ``batch_last``: stored ``[T, p+1, p+1,
     B]`` instead (``_scalar_riccati``'s storage on CPU batches)."""
     if batch_last:
-        out = C.new_zeros(C.shape[1], C.shape[2] + 1, C.shape[3] + 1, C.shape[0])
+        out = C.new_empty(C.shape[1], C.shape[2] + 1, C.shape[3] + 1, C.shape[0])
         out[:, 1:, 1:] = C.permute(1, 2, 3, 0)
         out[:, 0, 1:] = out[:, 1:, 0] = c.permute(1, 2, 0)
+        out[:, 0, 0] = 0.0
         return out
     out = torch.nn.functional.pad(C.transpose(0, 1), (1, 0, 1, 0))
     ct = c.transpose(0, 1)
@@ -126,8 +127,16 @@ def homogeneous_cost(C: Tensor, c: Tensor, batch_last: bool = False) -> Tensor:
     return out
 
 
-def homogeneous_dynamics(F: Tensor, d: Tensor | None) -> Tensor:
-    """``[[1, 0], [d, F]]``, time-major ``[T-1, B, n+1, p+1]``: ``[1; x'] = Fh [1; x; u]``."""
+def homogeneous_dynamics(F: Tensor, d: Tensor | None, batch_last: bool = False) -> Tensor:
+    """``[[1, 0], [d, F]]``, time-major ``[T-1, B, n+1, p+1]``: ``[1; x'] = Fh [1; x; u]``.
+    ``batch_last``: stored ``[T-1, n+1, p+1, B]`` instead (as ``homogeneous_cost``)."""
+    if batch_last:
+        out = F.new_empty(F.shape[1], F.shape[2] + 1, F.shape[3] + 1, F.shape[0])
+        out[:, 1:, 1:] = F.permute(1, 2, 3, 0)
+        out[:, 0] = 0.0
+        out[:, 0, 0] = 1.0
+        out[:, 1:, 0] = 0.0 if d is None else d.permute(1, 2, 0)
+        return out
     out = torch.nn.functional.pad(F.transpose(0, 1), (1, 0, 1, 0))
     out[..., 0, 0] = 1.0
     if d is not None:
@@ -184,16 +193,20 @@ def riccati(
     """
     B, T, p, _ = C.shape
     n = F.shape[-2]
-    if Fh is None and T > 1:
-        Fh = homogeneous_dynamics(F, d)
     # small problems: Ch for all steps at once (one fused product per step); large ones: C_t and
     # c_t added per step (Ch would be a fresh, page-faulted block of memory at every call)
     parallel = parallel and lower is None and reg is None and uu_floor is None
-    # one control on a CPU batch: the scalar pass stores its steps batch-last (_scalar_step_q)
-    soa = p - n == 1 and not C.is_cuda and B >= _SOA_MIN_BATCH and not parallel
-    if Ch is None and (parallel or _ch_bytes(C) < _CH_MAX_BYTES):
+    small = Ch is not None or _ch_bytes(C) < _CH_MAX_BYTES
+    # one control on a CPU batch: the scalar pass stores its steps batch-last (_scalar_step_q),
+    # Ch and Fh built so (or copied so, if the caller has them)
+    soa = p - n == 1 and not C.is_cuda and B >= _SOA_MIN_BATCH and not parallel and small
+    if Fh is None and T > 1:
+        Fh = homogeneous_dynamics(F, d, batch_last=soa)
+    elif soa and Fh is not None:
+        Fh = Fh.permute(0, 2, 3, 1).contiguous()
+    if Ch is None and (parallel or small):
         Ch = homogeneous_cost(C, c, batch_last=soa)
-    elif soa and Ch is not None:
+    elif soa:
         Ch = Ch.permute(0, 2, 3, 1).contiguous()
     if parallel:
         gains = _parallel_riccati(Ch, Fh, n, free, expected)
@@ -298,17 +311,18 @@ def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected, soa)
     solves of one-control systems run this recursion every iteration). Same results.
 
     The step's vectors and matrices are indexed batch-last. ``soa``: they are also stored so
-    (``_scalar_step_q``), and ``Ch`` comes as ``[T, p+1, p+1, B]`` (``Fh`` is copied so here).
+    (``_scalar_step_q``): ``Ch [T, p+1, p+1, B]``, ``Fh [T-1, n+1, p+1, B]``; the gains then
+    carry Fh as a time-major view of that storage.
     """
     T, B = Ch.shape[0], Ch.shape[-1] if soa else Ch.shape[1]
     Chs, Fhs, work = Ch.unbind(0), None, ()
     if Fh is not None:
-        Fhs = (Fh.permute(0, 2, 3, 1).contiguous() if soa else Fh).unbind(0)
+        Fhs = Fh.unbind(0)
         taped = torch.is_grad_enabled() and any(z.requires_grad for z in (Ch, Fh, lower, upper,
                                                                            reg, uu_floor)
                                                  if z is not None)
         if soa and not taped:
-            q, v = Fh.shape[-1], n + 1  # p+1, n+1
+            q, v = Fh.shape[2], n + 1  # p+1, n+1 (Fh stored [T-1, n+1, p+1, B])
             work = (Fh.new_empty(v, q, v, B), Fh.new_empty(q, v, B), Fh.new_empty(q, v, q, B))
     los = his = None
     if lower is not None:
@@ -349,6 +363,8 @@ def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected, soa)
     # of a concave step model does not minimize it
     need = free if los is None else torch.ones_like(free)
     ok = ~(need & (h_r <= 0)).any(-1)
+    if soa and Fh is not None:
+        Fh = Fh.permute(0, 3, 1, 2)
     return Gains(K, k, free.unsqueeze(-1), dV, ok, L, Fh)
 
 
