@@ -266,6 +266,11 @@ class TrajDynamics:
         return H if curv is None else torch.cat([H[:, :-1] + curv, H[:, -1:]], 1)
 
 
+def _shared(z: Tensor) -> bool:
+    """Whether ``z [B, T, ...]`` is one tensor broadcast over the batch and the steps."""
+    return z.stride(0) == 0 and z.stride(1) == 0
+
+
 def _take_rows(z: Tensor, idx: Tensor) -> Tensor:
     """``z[idx]`` along the batch dim; a batch broadcast (stride 0) stays one."""
     if z.stride(0) == 0:
@@ -307,17 +312,16 @@ class TrajCost:
         """Stage costs: x ``[..., B, T, n]``, u ``[..., B, T, m]`` -> ``[..., B, T]``."""
         if self.quadratic:
             tau = torch.cat([x, u], -1)
-            if self.C.stride(0) == 0 and self.C.stride(1) == 0:  # one C for every sample and step
+            if _shared(self.C):  # one C for every sample and step
                 # one matrix product over all rows (not C copied B T times), and on the line
                 # search's large trajectories one fresh block: (C tau / 2 + c) formed in place
                 C, c = self.C[0, 0], self.c
-                if c.stride(0) == 0 and c.stride(1) == 0:
+                if _shared(c):
                     z = torch.addmm(c[0, 0], tau.reshape(-1, tau.shape[-1]), C, alpha=0.5)
                     z = z.view(tau.shape)
                 else:
                     z = torch.add(c, tau @ C, alpha=0.5)
-                grad = torch.is_grad_enabled() and (tau.requires_grad or z.requires_grad)
-                return (z * tau if grad else z.mul_(tau)).sum(-1)
+                return (z * tau if z.requires_grad else z.mul_(tau)).sum(-1)
             if tau.dim() == 3:
                 return (0.5 * matvec(self.C, tau, sym=True) + self.c).mul(tau).sum(-1)
             extra = tau.shape[:-3]  # leading dims beyond [B, T] (e.g. line-search steps)
