@@ -91,15 +91,20 @@ class Pendulum(StepModel):
         alpha, beta = self._coeffs() if coeffs is None else coeffs
         return alpha * sin_th + beta * torque
 
-    def _constants(self) -> tuple[Tensor, Tensor]:
-        return self._coeffs()
+    def _constants(self) -> tuple[Tensor, ...]:
+        """``(alpha, beta, dt alpha, dt beta)`` (``_coeffs``, and the Euler step's products)."""
+        alpha, beta = self._coeffs()
+        return alpha, beta, self.dt * alpha, self.dt * beta
 
-    def _step(self, x: Tensor, u: Tensor, coeffs: tuple[Tensor, Tensor]) -> Tensor:
+    def _step(self, x: Tensor, u: Tensor, consts: tuple[Tensor, ...]) -> Tensor:
         c, s, w = x.unbind(-1)
         th = torch.atan2(s, c)
+        coeffs = consts[:2]
         if self.method == "euler":
-            w_next = w + self.dt * self.accel(s, u[..., 0], coeffs)
-            th_next = th + self.dt * w_next
+            # fused: the solver takes this step thousands of times per solve on small batches,
+            # where each operation costs its dispatch
+            w_next = torch.addcmul(torch.addcmul(w, s, consts[2]), u[..., 0], consts[3])
+            th_next = torch.add(th, w_next, alpha=self.dt)
         else:
             def qdot(q: Tensor, u: Tensor) -> Tensor:  # q = [th, thdot]
                 th, w = q.unbind(-1)
