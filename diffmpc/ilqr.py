@@ -32,6 +32,7 @@ from diffmpc.lqr import (
     reusable_cost,
     riccati,
     rollout_affine,
+    stores_batch_last,
     time_major,
 )
 
@@ -461,6 +462,8 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     # of an earlier pass's Fh uses its offsets)
     Ch = Fh = None
     keep_ch = reusable_cost(cost.C)
+    # in riccati's own storage: batch-last for one control on a CPU batch (no copy per pass)
+    bl = keep_ch and stores_batch_last(cost.C, n, parallel, True)
     for _ in range(max_iter):
         # a pass covers the whole batch while more than half of it is active: the finished
         # samples' share of the pass (it reproduces their result) costs less than copying C and F
@@ -475,16 +478,21 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         c_eff = c_sub.c + (c_sub.C[..., n:] @ val.unsqueeze(-1)).squeeze(-1)
         d_eff = d_sub.f + (d_sub.F[..., n:] @ val[:, :-1].unsqueeze(-1)).squeeze(-1)
         if whole:
-            if Ch is not None:
+            if Ch is None and keep_ch:
+                Ch = homogeneous_cost(cost.C, c_eff, batch_last=bl)
+            elif Ch is not None and bl:
+                Ch[:, 0, 1:] = Ch[:, 1:, 0] = c_eff.permute(1, 2, 0)
+            elif Ch is not None:
                 Ch[..., 0, 1:] = Ch[..., 1:, 0] = c_eff.transpose(0, 1)
-            elif keep_ch:
-                Ch = homogeneous_cost(cost.C, c_eff)
-            if Fh is not None:
+            if Fh is None and T > 1:
+                Fh = homogeneous_dynamics(dyn.F, d_eff, batch_last=bl)
+            elif Fh is not None and bl:
+                Fh[:, 1:, 0] = d_eff.permute(1, 2, 0)
+            elif Fh is not None:
                 Fh[..., 1:, 0] = d_eff.transpose(0, 1)
-            elif T > 1:
-                Fh = homogeneous_dynamics(dyn.F, d_eff)
         gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free, expected=False,
-                        Fh=Fh if whole else None, Ch=Ch if whole else None, parallel=parallel)
+                        Fh=Fh if whole else None, Ch=Ch if whole else None, parallel=parallel,
+                        batch_last=bl and whole)
         xs, us = rollout_affine(gains, sub(x_init))
         us = torch.where(free, us, val)
         gu, g = _grad_u(c_sub, gains.Fh, xs, us, parallel, gains.V)
@@ -517,6 +525,8 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         rest = (~conv).nonzero().squeeze(1)
         x = x.index_put((rest,), rollout(dyn.subset(rest), x_init[rest], u[rest]))
         return x, u, conv, iters, step, None
+    if bl and Fh is not None:  # the gains carry Fh time-major (a view of the storage)
+        Fh = Fh.permute(0, 3, 1, 2)
     gains = Gains(K, torch.zeros_like(u), free_all, None, torch.ones_like(conv), L, Fh, parallel)
     return x, u, conv, iters, step, gains
 

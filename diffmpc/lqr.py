@@ -110,6 +110,17 @@ def reusable_cost(C: Tensor) -> bool:
     return _ch_bytes(C) <= max(_CH_MAX_BYTES, 2 * C.untyped_storage().nbytes())
 
 
+def stores_batch_last(C: Tensor, n: int, parallel: bool = False, small: bool | None = None
+                      ) -> bool:
+    """Whether ``riccati`` stores ``Ch`` and ``Fh`` batch-last for ``C [B, T, p, p]``: one
+    control (p = n + 1) on a CPU batch of at least ``_SOA_MIN_BATCH``, in a sequential pass with
+    Ch materialized (``small``: Ch given, or at most ``_CH_MAX_BYTES``; None: the latter)."""
+    if small is None:
+        small = _ch_bytes(C) < _CH_MAX_BYTES
+    return (C.shape[-1] - n == 1 and not C.is_cuda and C.shape[0] >= _SOA_MIN_BATCH
+            and not parallel and small)
+
+
 def homogeneous_cost(C: Tensor, c: Tensor, batch_last: bool = False) -> Tensor:
     """``[[0, c'], [c, C]]``, time-major ``[T, B, p+1, p+1]``: the cost ``1/2 tau' C tau + c' tau``
     as the quadratic form ``1/2 [1; tau]' Ch [1; tau]``. ``batch_last``: stored ``[T, p+1, p+1,
@@ -158,6 +169,7 @@ def riccati(
     Fh: Tensor | None = None,
     Ch: Tensor | None = None,
     parallel: bool = False,
+    batch_last: bool = False,
 ) -> Gains:
     """Backward Riccati recursion.
 
@@ -178,6 +190,9 @@ def riccati(
             same dynamics); F then gives only the sizes, and d is ignored.
         Ch: ``homogeneous_cost(C, c)``, if the caller has it (C and c are then ignored); else it
             is formed here when small enough.
+        batch_last: the given ``Fh`` and ``Ch`` are stored batch-last (``homogeneous_cost(...,
+            batch_last=True)``); only where the pass stores them so (``stores_batch_last``), which
+            saves it a copy of each.
         parallel: in fixed-set or unconstrained mode without ``reg`` and ``uu_floor``, compute
             the recursion as a scan over time (``diffmpc.parallel``: about log2 T levels of
             operations instead of T steps); it needs each ``C_uu`` positive definite on the free
@@ -199,14 +214,17 @@ def riccati(
     small = Ch is not None or _ch_bytes(C) < _CH_MAX_BYTES
     # one control on a CPU batch: the scalar pass stores its steps batch-last (_scalar_step_q),
     # Ch and Fh built so (or copied so, if the caller has them)
-    soa = p - n == 1 and not C.is_cuda and B >= _SOA_MIN_BATCH and not parallel and small
+    soa = stores_batch_last(C, n, parallel, small)
+    if batch_last and not soa:
+        raise ValueError("riccati: batch_last=True needs a pass that stores its steps batch-last "
+                         "(stores_batch_last), got one that does not")
     if Fh is None and T > 1:
         Fh = homogeneous_dynamics(F, d, batch_last=soa)
-    elif soa and Fh is not None:
+    elif soa and Fh is not None and not batch_last:
         Fh = Fh.permute(0, 2, 3, 1).contiguous()
     if Ch is None and (parallel or small):
         Ch = homogeneous_cost(C, c, batch_last=soa)
-    elif soa:
+    elif soa and not batch_last:
         Ch = Ch.permute(0, 2, 3, 1).contiguous()
     if parallel:
         gains = _parallel_riccati(Ch, Fh, n, free, expected)

@@ -655,6 +655,22 @@ def test_one_control_recursion_equals_the_general_one(make_problem, monkeypatch,
         assert not bool(fast.ok[0]) and bool(fast.ok[1:].all())
 
 
+def test_riccati_refuses_batch_last_operands_where_it_stores_batch_first():
+    """``riccati(..., batch_last=True)`` is only for passes that store their steps batch-last (one
+    control, a CPU batch of at least ``_SOA_MIN_BATCH``); elsewhere it would misread them."""
+    from diffmpc import lqr
+
+    B, T, n = 2, 4, 3
+    C = torch.eye(n + 1, dtype=torch.float64).expand(B, T, n + 1, n + 1)
+    F = torch.zeros(B, T - 1, n, n + 1, dtype=torch.float64)
+    c = torch.zeros(B, T, n + 1, dtype=torch.float64)
+    assert not lqr.stores_batch_last(C, n)
+    Ch = lqr.homogeneous_cost(C, c, batch_last=True)
+    Fh = lqr.homogeneous_dynamics(F, None, batch_last=True)
+    with pytest.raises(ValueError, match="batch_last"):
+        lqr.riccati(C, c, F, Fh=Fh, Ch=Ch, batch_last=True)
+
+
 @pytest.mark.parametrize("box", [False, True])
 def test_one_control_batch_stored_batch_last_matches_cvxpy(make_problem, reference, box):
     """A one-control batch large enough for the batch-last recursion (``_SOA_MIN_BATCH``) on the
