@@ -671,6 +671,22 @@ def test_failed_newton_step_falls_back_to_gauss_newton_in_the_same_iteration(mon
     assert bool((moved | sol.converged).all())
 
 
+def test_newton_follows_full_steps_and_shortened_steps_that_met_their_prediction():
+    """The next iteration's Newton flags (``ilqr._newton_next``): a step accepted in full, or
+    shortened (ladder index > 0) with at least ``_NEWTON_RATIO`` of the model's predicted decrease
+    for that step size; not a shortened step that fell short, nor a sample with no step, nor a
+    step whose predicted decrease is not positive."""
+    from diffmpc.ilqr import _NEWTON_RATIO, _newton_next
+
+    found = torch.tensor([True, True, True, False, True, True])
+    first = torch.tensor([0, 3, 3, 0, 2, 1])
+    predicted = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 2.0], dtype=DT)
+    r = _NEWTON_RATIO
+    decrease = torch.tensor([0.01, r + 1e-3, r - 1e-3, 1.0, 1e-3, 2.0 * r], dtype=DT)
+    got = _newton_next(found, first, decrease, predicted)
+    assert got.tolist() == [True, True, False, False, False, True]
+
+
 def test_a_saddle_at_the_initial_iterate_is_left():
     """A pendulum hanging at rest with u = 0 is a stationary point of the swing-up (by symmetry no
     first-order step leaves it) but no minimum: the solver must not stop there. Reference:
