@@ -140,8 +140,10 @@ def _closed_loop(dyn, x_init, x, u, gains: Gains, alphas, lower, upper):
     A = alphas.shape[0]
     B, T, m = u.shape
     n = x.shape[-1]
-    offs = (u + alphas[:, None, None, None] * gains.k).unbind(2)  # u_t^0 + alpha k_t [A, B, m]
-    x0s, Ks = x.unbind(1), gains.K.unbind(1)
+    # u_t^0 + alpha k_t - K_t x_t^0 [A, B, m]: the feedback then needs only K_t x_t per step
+    base = u - (gains.K * x.unsqueeze(2)).sum(-1)
+    offs = (base + alphas[:, None, None, None] * gains.k).unbind(2)
+    Ks = gains.K.unbind(1)
     los = his = None
     if lower is not None:
         los, his = lower.unbind(1), upper.unbind(1)
@@ -149,8 +151,7 @@ def _closed_loop(dyn, x_init, x, u, gains: Gains, alphas, lower, upper):
     xs, us = [], []
     step = dyn.stepper()
     for t in range(T):
-        dx = xt.view(A, B, 1, n) - x0s[t].unsqueeze(1)
-        ut = (Ks[t] * dx).sum(-1) + offs[t]
+        ut = (Ks[t] * xt.view(A, B, 1, n)).sum(-1) + offs[t]
         if los is not None:
             ut = torch.clamp(ut, los[t], his[t])
         xs.append(xt)
