@@ -496,11 +496,16 @@ def costate(gx: Tensor, Fx: Tensor | None, parallel: bool = False) -> Tensor:
     if parallel and Fx is not None:
         return _parallel_costate(gx, Fx)
     T = gx.shape[1]
+    # the steps' operands as views made in one call each (a view per step and operand costs its
+    # dispatch, as much as the product at small sizes); lam kept as [B, n, 1] columns
+    gxs = gx.unsqueeze(-1).unbind(1)
     lam = [None] * T
-    lam[T - 1] = gx[:, T - 1]
-    for t in range(T - 2, -1, -1):
-        lam[t] = torch.baddbmm(gx[:, t].unsqueeze(-1), Fx[t].mT, lam[t + 1].unsqueeze(-1)).squeeze(-1)
-    return torch.stack(lam, 1)
+    lam[T - 1] = gxs[T - 1]
+    if T > 1:
+        FxT = Fx.mT.unbind(0)
+        for t in range(T - 2, -1, -1):
+            lam[t] = torch.baddbmm(gxs[t], FxT[t], lam[t + 1])
+    return torch.stack(lam, 1).squeeze(-1)
 
 
 def _parallel_costate(gx: Tensor, Fx: Tensor) -> Tensor:
