@@ -48,7 +48,9 @@ class SolverOptions:
         max_iter: iterations at most (per sample).
         tol: convergence tolerance on the control step, relative to ``1 + max|u|``;
             None picks 1e-7 (float64) or 1e-4 (float32).
-        line_search_steps: step sizes ``decay**0 .. decay**(steps-1)`` tried at once.
+        line_search_steps: step sizes ``decay**0 .. decay**(steps-1)`` tried at once (16 with
+            decay 0.5: down to about 3e-5; on the cartpole swing-up at T = 50 a ladder to 2e-3
+            (10 steps) ended about 9 % higher in cost after 50 iterations, its tiny steps refused).
         line_search_decay: ratio between consecutive step sizes.
         reg_init, reg_factor, reg_max: Levenberg-Marquardt term on the control Hessian, used only
             after a failed factorization or line search; a sample whose term exceeds reg_max stops.
@@ -73,7 +75,7 @@ class SolverOptions:
 
     max_iter: int = 50
     tol: float | None = None
-    line_search_steps: int = 10
+    line_search_steps: int = 16
     line_search_decay: float = 0.5
     reg_init: float = 1e-4
     reg_factor: float = 10.0
