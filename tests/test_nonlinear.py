@@ -637,38 +637,64 @@ def test_implicit_vs_unroll_script_tiny(tmp_path):
     assert len(out.read_text().splitlines()) == 6
 
 
-def test_failed_newton_step_falls_back_to_gauss_newton_in_the_same_iteration(monkeypatch):
-    """Cartpole swing-ups over T = 50: in the second iteration (the first with Newton steps) some
-    Newton steps find no lower cost. Those samples must take the Gauss-Newton step of the same
-    expansion in that iteration (a second Riccati pass on them), not stand still."""
+def _cartpole_swing_ups(B: int, seed: int, monkeypatch):
+    """Solves of cartpole swing-ups over T = 50 (``starts``) with ``max_iter`` iterations, and the
+    batch sizes of the Riccati passes and the Newton flags of the ``_gains`` calls they made."""
     import diffmpc.ilqr as ilqr_module
 
-    calls = []
-    original = ilqr_module.riccati
+    passes, flags = [], []
+    riccati, gains = ilqr_module.riccati, ilqr_module._gains
 
-    def recording(C, *args, **kwargs):
-        calls.append(C.shape[0])
-        return original(C, *args, **kwargs)
+    def recording_riccati(C, *args, **kwargs):
+        passes.append(C.shape[0])
+        return riccati(C, *args, **kwargs)
 
-    monkeypatch.setattr(ilqr_module, "riccati", recording)
+    def recording_gains(*args):
+        flags.append(args[10].clone())  # newton
+        return gains(*args)
+
+    monkeypatch.setattr(ilqr_module, "riccati", recording_riccati)
+    monkeypatch.setattr(ilqr_module, "_gains", recording_gains)
     system = make_system("cartpole")
-    B, T = 16, 50
-    x_init = starts("cartpole", B, seed=3)
+    x_init = starts("cartpole", B, seed=seed)
 
     def solve(max_iter):
-        mpc = dm.MPC(system.n_state, 1, T, system.u_lower, system.u_upper, max_iter=max_iter,
+        passes.clear()
+        flags.clear()
+        mpc = dm.MPC(system.n_state, 1, 50, system.u_lower, system.u_upper, max_iter=max_iter,
                      unconverged="keep")
         with torch.no_grad():
             return mpc(x_init, system.default_cost().quad_cost(), system)
 
+    return solve, passes, flags
+
+
+def test_failed_newton_step_of_a_single_sample_falls_back_in_the_same_iteration(monkeypatch):
+    """One cartpole swing-up over T = 50 whose first Newton step (iteration 2) finds no lower
+    cost: it must take the Gauss-Newton step of the same expansion in that iteration (a second
+    Riccati pass), not stand still: the failed samples are the whole batch."""
+    solve, passes, _ = _cartpole_swing_ups(1, 0, monkeypatch)
     u1 = solve(1).u
-    calls.clear()
     sol = solve(2)
-    # iteration 1: Gauss-Newton on all; iteration 2: Newton on all, then Gauss-Newton on the
-    # samples whose Newton step failed
-    assert calls[:2] == [B, B] and len(calls) == 3 and 0 < calls[2] < B
-    moved = (sol.u != u1).flatten(1).any(-1)
-    assert bool((moved | sol.converged).all())
+    # iteration 1: Gauss-Newton; iteration 2: Newton, then Gauss-Newton
+    assert passes == [1, 1, 1]
+    assert bool((sol.u != u1).any())
+
+
+def test_few_failed_newton_steps_take_gauss_newton_in_the_next_iteration(monkeypatch):
+    """Cartpole swing-ups over T = 50, B = 16: in iteration 2 (the first with Newton steps) a few
+    Newton steps find no lower cost. With the rest of the batch moving on, those samples wait
+    (no second Riccati pass in that iteration) and take Gauss-Newton steps in iteration 3."""
+    solve, passes, flags = _cartpole_swing_ups(16, 3, monkeypatch)
+    u1 = solve(1).u
+    s2 = solve(2)
+    assert passes == [16, 16]
+    stood = (s2.u == u1).flatten(1).all(-1) & ~s2.converged
+    assert 0 < int(stood.sum()) < 8
+    s3 = solve(3)
+    assert len(flags) == 3 and flags[2].shape[0] == 16  # no sample had converged
+    assert not bool(flags[2][stood].any())  # Gauss-Newton for them
+    assert bool((s3.u != s2.u)[stood].flatten(1).any(-1).all())  # and they moved
 
 
 def test_newton_follows_full_steps_and_shortened_steps_that_met_their_prediction():
