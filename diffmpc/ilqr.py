@@ -491,8 +491,10 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     # of an earlier pass's Fh uses its offsets)
     Ch = Fh = None
     keep_ch = reusable_cost(cost.C)
-    # in riccati's own storage: batch-last for one control on a CPU batch (no copy per pass)
+    # stored as riccati stores them: batch-last for one control on a CPU batch (no copy per
+    # pass); rewritten through their time-major views
     bl = keep_ch and stores_batch_last(cost.C, n, parallel, True)
+    tm = (lambda z: z.permute(0, 3, 1, 2)) if bl else (lambda z: z)  # noqa: E731
     for _ in range(max_iter):
         # a pass covers the whole batch while more than half of it is active: the finished
         # samples' share of the pass (it reproduces their result) costs less than copying C and F
@@ -509,16 +511,12 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         if whole:
             if Ch is None and keep_ch:
                 Ch = homogeneous_cost(cost.C, c_eff, batch_last=bl)
-            elif Ch is not None and bl:
-                Ch[:, 0, 1:] = Ch[:, 1:, 0] = c_eff.permute(1, 2, 0)
             elif Ch is not None:
-                Ch[..., 0, 1:] = Ch[..., 1:, 0] = c_eff.transpose(0, 1)
+                tm(Ch)[..., 0, 1:] = tm(Ch)[..., 1:, 0] = c_eff.transpose(0, 1)
             if Fh is None and T > 1:
                 Fh = homogeneous_dynamics(dyn.F, d_eff, batch_last=bl)
-            elif Fh is not None and bl:
-                Fh[:, 1:, 0] = d_eff.permute(1, 2, 0)
             elif Fh is not None:
-                Fh[..., 1:, 0] = d_eff.transpose(0, 1)
+                tm(Fh)[..., 1:, 0] = d_eff.transpose(0, 1)
         gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free, expected=False,
                         Fh=Fh if whole else None, Ch=Ch if whole else None, parallel=parallel,
                         batch_last=bl and whole)
@@ -554,8 +552,7 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         rest = (~conv).nonzero().squeeze(1)
         x = x.index_put((rest,), rollout(dyn.subset(rest), x_init[rest], u[rest]))
         return x, u, conv, iters, step, None
-    if bl and Fh is not None:  # the gains carry Fh time-major (a view of the storage)
-        Fh = Fh.permute(0, 3, 1, 2)
+    Fh = None if Fh is None else tm(Fh)  # the gains carry Fh time-major
     gains = Gains(K, torch.zeros_like(u), free_all, None, torch.ones_like(conv), L, Fh, parallel)
     return x, u, conv, iters, step, gains
 

@@ -121,38 +121,41 @@ def stores_batch_last(C: Tensor, n: int, parallel: bool = False, small: bool | N
             and not parallel and small)
 
 
+def _fresh(ref: Tensor, T: int, B: int, rows: int, cols: int, batch_last: bool):
+    """Uninitialized storage for ``T`` steps of ``B`` blocks ``[rows, cols]``: ``[T, B, rows,
+    cols]``, or ``[T, rows, cols, B]`` if ``batch_last``; and its time-major view ``[T, B, rows,
+    cols]`` (the storage itself in the first case)."""
+    if batch_last:
+        store = ref.new_empty(T, rows, cols, B)
+        return store, store.permute(0, 3, 1, 2)
+    store = ref.new_empty(T, B, rows, cols)
+    return store, store
+
+
 def homogeneous_cost(C: Tensor, c: Tensor, batch_last: bool = False) -> Tensor:
     """``[[0, c'], [c, C]]``, time-major ``[T, B, p+1, p+1]``: the cost ``1/2 tau' C tau + c' tau``
     as the quadratic form ``1/2 [1; tau]' Ch [1; tau]``. ``batch_last``: stored ``[T, p+1, p+1,
     B]`` instead (``_scalar_riccati``'s storage on CPU batches)."""
-    if batch_last:
-        out = C.new_empty(C.shape[1], C.shape[2] + 1, C.shape[3] + 1, C.shape[0])
-        out[:, 1:, 1:] = C.permute(1, 2, 3, 0)
-        out[:, 0, 1:] = out[:, 1:, 0] = c.permute(1, 2, 0)
-        out[:, 0, 0] = 0.0
-        return out
-    out = torch.nn.functional.pad(C.transpose(0, 1), (1, 0, 1, 0))
+    B, T, p = C.shape[0], C.shape[1], C.shape[-1]
+    store, out = _fresh(C, T, B, p + 1, p + 1, batch_last)
+    out[..., 1:, 1:] = C.transpose(0, 1)
     ct = c.transpose(0, 1)
     out[..., 0, 1:] = ct
     out[..., 1:, 0] = ct
-    return out
+    out[..., 0, 0] = 0.0
+    return store
 
 
 def homogeneous_dynamics(F: Tensor, d: Tensor | None, batch_last: bool = False) -> Tensor:
     """``[[1, 0], [d, F]]``, time-major ``[T-1, B, n+1, p+1]``: ``[1; x'] = Fh [1; x; u]``.
     ``batch_last``: stored ``[T-1, n+1, p+1, B]`` instead (as ``homogeneous_cost``)."""
-    if batch_last:
-        out = F.new_empty(F.shape[1], F.shape[2] + 1, F.shape[3] + 1, F.shape[0])
-        out[:, 1:, 1:] = F.permute(1, 2, 3, 0)
-        out[:, 0] = 0.0
-        out[:, 0, 0] = 1.0
-        out[:, 1:, 0] = 0.0 if d is None else d.permute(1, 2, 0)
-        return out
-    out = torch.nn.functional.pad(F.transpose(0, 1), (1, 0, 1, 0))
+    B, T1, n, p = F.shape
+    store, out = _fresh(F, T1, B, n + 1, p + 1, batch_last)
+    out[..., 1:, 1:] = F.transpose(0, 1)
+    out[..., 0, :] = 0.0
     out[..., 0, 0] = 1.0
-    if d is not None:
-        out[..., 1:, 0] = d.transpose(0, 1)
-    return out
+    out[..., 1:, 0] = 0.0 if d is None else d.transpose(0, 1)
+    return store
 
 
 def riccati(
