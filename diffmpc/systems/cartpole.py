@@ -88,15 +88,12 @@ class Cartpole(StepModel):
     def l(self) -> Tensor:
         return self.log_l.exp()
 
-    def _masses(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(m_pole, l, 1 / (m_cart + m_pole))``."""
-        mp = self.m_pole
-        return mp, self.l, (self.m_cart + mp).reciprocal()
-
     def _constants(self) -> tuple[Tensor, ...]:
-        """What ``accel`` needs of the parameters: ``l``, ``g``, ``1 / M`` (``M = m_cart +
-        m_pole``), ``m_pole l``, ``m_pole / M`` and ``m_pole l / M``."""
-        mp, l, inv_M = self._masses()
+        """What ``accel`` (and the closed-form derivatives) need of the parameters: ``l``,
+        ``g``, ``1 / M`` (``M = m_cart + m_pole``), ``m_pole l``, ``m_pole / M`` and
+        ``m_pole l / M``."""
+        mp, l = self.m_pole, self.l
+        inv_M = (self.m_cart + mp).reciprocal()
         mpl = mp * l
         return l, self.g, inv_M, mpl, mp * inv_M, mpl * inv_M
 
@@ -145,15 +142,14 @@ class Cartpole(StepModel):
         _, _, c, s, w = x.unbind(-1)
         F = u[..., 0]
         dt = self.dt
-        mp, l, inv_M = self._masses()
-        mu, k = mp * l * inv_M, mp * inv_M
+        l, g, inv_M, _, k, mu = self._constants()
         a = inv_M * F + mu * s * w * w
         D = l * (4.0 / 3.0 - k * c * c)
-        q = (self.g * s - c * a) / D  # thddot
+        q = (g * s - c * a) / D  # thddot
         zero, one = torch.zeros_like(c), torch.ones_like(c)
         e_c = torch.stack([one, zero, zero, zero], -1)
         ga = torch.stack([zero, mu * w * w, 2 * mu * s * w, inv_M * one], -1)
-        gN = torch.stack([-a, self.g * one, zero, zero], -1) - c[:, None] * ga
+        gN = torch.stack([-a, g * one, zero, zero], -1) - c[:, None] * ga
         d = -2 * l * k * c  # gradient of D: d e_c
         gq = (gN - (q * d)[:, None] * e_c) / D[:, None]
         gp = ga - mu * (c[:, None] * gq + q[:, None] * e_c)  # gradient of pddot
