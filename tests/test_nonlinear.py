@@ -746,17 +746,65 @@ def test_whole_ladder_at_once_equals_full_step_first(name, monkeypatch):
     system = make_system(name)
     B, T = 12, 30
     x_init = starts(name, B, seed=5)
+    split_at = ilqr_module._ladder_split
+    ends = []
+
+    def record(hints, n_alpha):
+        ends.append(split_at(hints, n_alpha))
+        return ends[-1]
+
+    monkeypatch.setattr(ilqr_module, "_ladder_split", record)
+    newton_next = ilqr_module._newton_next
+    taken = []  # per layout, per iteration: each sample's accepted step-size index
+
+    def record_steps(found, first, decrease, predicted):
+        taken[-1].append(torch.where(found, first, -1))
+        return newton_next(found, first, decrease, predicted)
+
+    monkeypatch.setattr(ilqr_module, "_newton_next", record_steps)
     out = []
-    for rows in (0, 10**9):  # 0: full step first; 10**9: the whole ladder at once
+    # 0 rows: the full step first; then 0 for a rollout's own cost: the rest in two rollouts
+    # wherever the samples' last shortened steps suggest it; 10**9: the whole ladder at once
+    for rows, stage in ((0, 10**9), (0, 0), (10**9, 0)):
         monkeypatch.setattr(ilqr_module, "_LADDER_ROWS", rows)
+        monkeypatch.setattr(ilqr_module, "_STAGE_ROWS", stage)
         mpc = dm.MPC(system.n_state, 1, T, system.u_lower, system.u_upper, max_iter=15,
                      unconverged="keep")
+        taken.append([])
         with torch.no_grad():
             out.append(mpc(x_init, system.default_cost().quad_cost(), system))
-    split, whole = out
-    assert torch.equal(split.iterations, whole.iterations)
-    assert torch.equal(split.converged, whole.converged)
-    torch.testing.assert_close(whole.u, split.u, rtol=0, atol=1e-12)
+    assert any(e < 16 for e in ends)  # some line searches did take two rollouts
+    assert any(bool((steps > 1).any()) for steps in taken[0])  # and steps past the first few
+    whole = out[-1]
+    for split, steps in zip(out[:-1], taken[:-1], strict=True):
+        assert len(steps) == len(taken[-1])
+        assert all(torch.equal(a, b) for a, b in zip(steps, taken[-1], strict=True))
+        assert torch.equal(split.iterations, whole.iterations)
+        assert torch.equal(split.converged, whole.converged)
+        torch.testing.assert_close(whole.u, split.u, rtol=0, atol=1e-12)
+
+
+def test_ladder_split_minimizes_rows():
+    """The two-rollout split of the line search's ladder: at the smallest expected number of rows
+    (each of R samples rolls out ``end - 1`` step sizes, those expected past them the remaining
+    ``16 - end``, plus ``_STAGE_ROWS`` for the second rollout), and one rollout where no split
+    saves that much."""
+    from diffmpc.ilqr import _STAGE_ROWS, _ladder_split
+
+    def rows(hints, end):
+        past = int((hints >= end).sum())
+        return (end - 1) * len(hints) + past * (16 - end) + _STAGE_ROWS
+
+    hints = torch.tensor([1] * 90 + [9] * 10)  # most took the first shortened step last time
+    end = _ladder_split(hints, 16)
+    assert end == 2
+    assert rows(hints, end) == min(rows(hints, e) for e in range(2, 16)) < 15 * len(hints)
+    spread = torch.arange(100) % 16  # no split saves a rollout's worth of rows
+    assert _ladder_split(spread, 16) == 16
+    late = torch.tensor([10] * 200)
+    assert _ladder_split(late, 16) == 11  # all expected at index 10: 10 sizes, not 15
+    assert _ladder_split(late[:100], 16) == 16  # 100 samples: 500 rows saved, not worth it
+    assert _ladder_split(torch.tensor([3] * 20), 16) == 16  # 20 samples: not worth a rollout
 
 
 @pytest.mark.parametrize("shared", ["C and c", "C", "neither"])
