@@ -86,17 +86,32 @@ def angle_derivatives(c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
 def angle_output_curvature(cos_n: Tensor, sin_n: Tensor, lam_c: Tensor, lam_s: Tensor,
                            phi: Tensor, h_cc: Tensor, h_cs: Tensor, h_ss: Tensor,
                            ic: int, is_: int) -> Tensor:
-    """``lam_c Hess(cos th') + lam_s Hess(sin th')`` ``[N, k, k]`` for an angle ``th'`` with gradient
-    ``phi [N, k]`` and Hessian ``[[h_cc, h_cs], [h_cs, h_ss]]`` in the coordinates ``ic, is_`` (zero
-    elsewhere); ``cos_n``, ``sin_n``: ``cos th'``, ``sin th'`` ``[N]``."""
+    """``lam_c Hess(cos th') + lam_s Hess(sin th')`` ``[k, k, N]`` (rows last) for an angle ``th'``
+    with gradient ``phi [k, N]`` and Hessian ``[[h_cc, h_cs], [h_cs, h_ss]]`` in the coordinates
+    ``ic, is_`` (zero elsewhere); ``cos_n``, ``sin_n``: ``cos th'``, ``sin th'`` ``[N]``.
+
+    The closed-form derivatives keep their N rows last: each entry is then a contiguous block of
+    N numbers, where ``[N, k]`` layouts made every stack and outer product interleave rows of k
+    (six stacks of four columns took 2 ms of a cartpole curvature at N = 12544)."""
     a = -(lam_c * cos_n + lam_s * sin_n)  # factor of phi phi'
     b = lam_s * cos_n - lam_c * sin_n  # factor of Hess(th')
-    H = (a[:, None, None] * phi[:, :, None]) * phi[:, None, :]
-    H[:, ic, ic] += b * h_cc
-    H[:, ic, is_] += b * h_cs
-    H[:, is_, ic] += b * h_cs
-    H[:, is_, is_] += b * h_ss
+    H = (a * phi[:, None]) * phi[None, :]
+    H[ic, ic] += b * h_cc
+    H[ic, is_] += b * h_cs
+    H[is_, ic] += b * h_cs
+    H[is_, is_] += b * h_ss
     return H
+
+
+def rows_first(z: Tensor, pad: int = 0, pad_cols: int | None = None) -> Tensor:
+    """A rows-last block ``[a, b, N]`` as a contiguous ``[N, pad + a, pad_cols + b]`` tensor, the
+    ``pad`` leading rows and ``pad_cols`` (default ``pad``) leading columns zero (coordinates the
+    block does not involve)."""
+    a, b, N = z.shape
+    pc = pad if pad_cols is None else pad_cols
+    out = z.new_zeros(N, pad + a, pc + b) if pad or pc else z.new_empty(N, a, b)
+    out[:, pad:, pc:] = z.permute(2, 0, 1)
+    return out
 
 
 def euler_closed_form(model: nn.Module, x: Tensor, u: Tensor) -> bool:

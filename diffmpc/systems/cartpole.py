@@ -14,6 +14,7 @@ from diffmpc.systems._common import (
     explicit_step,
     init_step_and_bounds,
     log_param,
+    rows_first,
 )
 
 __all__ = ["Cartpole"]
@@ -137,7 +138,9 @@ class Cartpole(StepModel):
         (``N = g sin th - cos th a``, ``D = l (4/3 - k cos^2 th)``, ``k = m_pole / M``) and
         ``pddot = a - mu thddot cos th`` (``mu = m_pole l / M``).
 
-        Returns a dict of ``[N]`` and ``[N, 4]`` tensors (see the code for the names).
+        Returns a dict of ``[N]`` tensors and ``[4, N]`` gradients (rows last, see
+        ``angle_output_curvature``; see the code for the names). ``e_c``, the gradient of
+        ``cos th``, is the first unit vector: its products touch the first entry only.
         """
         _, _, c, s, w = x.unbind(-1)
         F = u[..., 0]
@@ -147,16 +150,18 @@ class Cartpole(StepModel):
         D = l * (4.0 / 3.0 - k * c * c)
         q = (g * s - c * a) / D  # thddot
         zero, one = torch.zeros_like(c), torch.ones_like(c)
-        e_c = torch.stack([one, zero, zero, zero], -1)
-        ga = torch.stack([zero, mu * w * w, 2 * mu * s * w, inv_M * one], -1)
-        gN = torch.stack([-a, g * one, zero, zero], -1) - c[:, None] * ga
+        ga = torch.stack([zero, mu * w * w, 2 * mu * s * w, inv_M * one])
+        gN = torch.stack([-a, g * one, zero, zero]) - c * ga
         d = -2 * l * k * c  # gradient of D: d e_c
-        gq = (gN - (q * d)[:, None] * e_c) / D[:, None]
-        gp = ga - mu * (c[:, None] * gq + q[:, None] * e_c)  # gradient of pddot
+        gN[0] -= q * d
+        gq = gN / D
+        cgq = c * gq
+        cgq[0] += q
+        gp = ga - mu * cgq  # gradient of pddot: ga - mu (c gq + q e_c)
         th_n = torch.atan2(s, c) + dt * w
         d_c, d_s, h_cc, h_cs, h_ss = angle_derivatives(c, s)
-        phi = torch.stack([d_c, d_s, dt * one, zero], -1)
-        return dict(c=c, s=s, w=w, mu=mu, k=k, l=l, D=D, q=q, d=d, e_c=e_c, ga=ga, gq=gq,
+        phi = torch.stack([d_c, d_s, dt * one, zero])
+        return dict(c=c, s=s, w=w, mu=mu, k=k, l=l, D=D, q=q, d=d, ga=ga, gq=gq,
                     gp=gp, cos_n=torch.cos(th_n), sin_n=torch.sin(th_n), phi=phi,
                     h=(h_cc, h_cs, h_ss))
 
@@ -168,13 +173,11 @@ class Cartpole(StepModel):
             return None
         e = self._euler_expansion(x, u)
         dt, phi = self.dt, e["phi"]
-        e_w = torch.zeros_like(phi)
-        e_w[:, 2] = 1.0
-        rows = torch.stack([dt * e["gp"], -e["sin_n"][:, None] * phi, e["cos_n"][:, None] * phi,
-                            dt * e["gq"] + e_w], 1)  # v', cos th', sin th', thdot' in r
-        J = x.new_zeros(x.shape[0], 5, 6)
+        g_w = dt * e["gq"]
+        g_w[2] += 1.0  # thdot' = thdot + dt thddot
+        rows = torch.stack([dt * e["gp"], -e["sin_n"] * phi, e["cos_n"] * phi, g_w])
+        J = rows_first(rows, 1, 2)  # v', cos th', sin th', thdot' in r
         J[:, 0, 0], J[:, 0, 1], J[:, 1, 1] = 1.0, dt, 1.0  # p' = p + dt v, v' = v + dt pddot
-        J[:, 1:, 2:] = rows
         return J
 
     def curvature(self, x: Tensor, u: Tensor, lam: Tensor) -> Tensor | None:
@@ -191,18 +194,19 @@ class Cartpole(StepModel):
         if not euler_closed_form(self, x, u):
             return None
         e = self._euler_expansion(x, u)
-        dt, c, e_c, gq = self.dt, e["c"], e["e_c"], e["gq"]
+        dt, c, gq = self.dt, e["c"], e["gq"]
         lam_v, lam_c, lam_s, lam_w = lam[:, 1], lam[:, 2], lam[:, 3], lam[:, 4]
         beta = dt * (lam_w - e["mu"] * c * lam_v) / e["D"]
-        h = beta[:, None] * (e["ga"] + e["d"][:, None] * gq) + (dt * e["mu"] * lam_v)[:, None] * gq
+        h = beta * (e["ga"] + e["d"] * gq) + (dt * e["mu"] * lam_v) * gq
         H = angle_output_curvature(e["cos_n"], e["sin_n"], lam_c, lam_s, e["phi"], *e["h"], 0, 1)
-        H = H - e_c[:, :, None] * h[:, None, :] - h[:, :, None] * e_c[:, None, :]
-        H[:, 0, 0] += 2 * e["l"] * e["k"] * e["q"] * beta
+        H[0] -= h  # - e_c h'
+        H[:, 0] -= h  # - h e_c'
+        H[0, 0] += 2 * e["l"] * e["k"] * e["q"] * beta
         ha = (dt * lam_v - beta * c) * 2 * e["mu"]  # Hess a: [s, w] = 2 mu w, [w, w] = 2 mu s
-        H[:, 1, 2] += ha * e["w"]
-        H[:, 2, 1] += ha * e["w"]
-        H[:, 2, 2] += ha * e["s"]
-        return torch.nn.functional.pad(H, (2, 0, 2, 0))
+        H[1, 2] += ha * e["w"]
+        H[2, 1] += ha * e["w"]
+        H[2, 2] += ha * e["s"]
+        return rows_first(H, 2)
 
     def default_cost(self, **kwargs) -> GoalCost:
         """CartpoleDx's cost: goal ``[0, 0, 1, 0, 0]``, weights ``[0.1, 0.1, 1, 1, 0.1]``,

@@ -14,6 +14,7 @@ from diffmpc.systems._common import (
     explicit_step,
     init_step_and_bounds,
     log_param,
+    rows_first,
 )
 
 __all__ = ["Pendulum"]
@@ -116,8 +117,9 @@ class Pendulum(StepModel):
 
     def _euler_expansion(self, x: Tensor, u: Tensor):
         """Pieces of the Euler step's derivatives in ``z = [cos th, sin th, thdot, u]``:
-        ``cos th'``, ``sin th'`` ``[N]``, the gradients of ``th'`` and ``thdot'`` ``[N, 4]``, and
-        the Hessian entries of ``atan2`` (``angle_derivatives``)."""
+        ``cos th'``, ``sin th'`` ``[N]``, the gradients of ``th'`` and ``thdot'`` ``[4, N]`` (rows
+        last, see ``angle_output_curvature``), and the Hessian entries of ``atan2``
+        (``angle_derivatives``)."""
         c, s, w = x.unbind(-1)
         dt = self.dt
         alpha, beta = self._coeffs()
@@ -125,8 +127,8 @@ class Pendulum(StepModel):
         th_n = torch.atan2(s, c) + dt * w_n
         d_c, d_s, h_cc, h_cs, h_ss = angle_derivatives(c, s)
         zero, one = torch.zeros_like(c), torch.ones_like(c)
-        grad_w = torch.stack([zero, dt * alpha * one, one, dt * beta * one], -1)
-        phi = torch.stack([d_c, d_s, zero, zero], -1) + dt * grad_w  # th' = th + dt thdot'
+        grad_w = torch.stack([zero, dt * alpha * one, one, dt * beta * one])
+        phi = torch.stack([d_c, d_s, zero, zero]) + dt * grad_w  # th' = th + dt thdot'
         return torch.cos(th_n), torch.sin(th_n), phi, grad_w, (h_cc, h_cs, h_ss)
 
     def jacobian(self, x: Tensor, u: Tensor) -> Tensor | None:
@@ -136,7 +138,7 @@ class Pendulum(StepModel):
         if not euler_closed_form(self, x, u):
             return None
         cos_n, sin_n, phi, grad_w, _ = self._euler_expansion(x, u)
-        return torch.stack([-sin_n[:, None] * phi, cos_n[:, None] * phi, grad_w], 1)
+        return rows_first(torch.stack([-sin_n * phi, cos_n * phi, grad_w]))
 
     def curvature(self, x: Tensor, u: Tensor, lam: Tensor) -> Tensor | None:
         """Closed-form ``sum_i lam_i Hess f_i`` ``[N, 4, 4]`` of the Euler step ``f`` in ``[x, u]``,
@@ -144,7 +146,8 @@ class Pendulum(StepModel):
         if not euler_closed_form(self, x, u):
             return None
         cos_n, sin_n, phi, _, h = self._euler_expansion(x, u)
-        return angle_output_curvature(cos_n, sin_n, lam[:, 0], lam[:, 1], phi, *h, 0, 1)
+        return rows_first(angle_output_curvature(cos_n, sin_n, lam[:, 0], lam[:, 1], phi, *h,
+                                                 0, 1))
 
     def default_cost(self, **kwargs) -> GoalCost:
         """PendulumDx's cost: goal ``[1, 0, 0]``, weights ``[1, 1, 0.1]``, control 0.001.
