@@ -257,6 +257,25 @@ class TrajDynamics:
         _, _, H = batch_hessian(weighted, z, create_graph)
         return H.reshape(*lead, n + self.m, n + self.m)
 
+    def curvature_blocks(self, x: Tensor, u: Tensor, lam: Tensor) -> tuple[Tensor, int] | None:
+        """``curvature`` as the nonzero block of each step, time-major and batch-last: ``[T-1, k,
+        k, B]`` and the block's first coordinate in tau, where the model computes its curvature
+        rows-last (a ``curvature_block(x, u, lam)`` method, as ``Pendulum`` and ``Cartpole``
+        have); None otherwise. ``riccati``'s one-control passes store their costs so, and the
+        Newton pass adds these blocks there (``ilqr._gains``) without forming ``[B, T, p, p]``
+        Hessians. No autograd graph is kept (the forward iterations only)."""
+        block = None if self.linear else getattr(self.raw, "curvature_block", None)
+        if block is None or x.shape[-2] < 2:
+            return None
+        B = x.shape[0]
+        rows = lambda z: z.transpose(0, 1).reshape(-1, z.shape[-1])  # noqa: E731  time-major
+        out = block(rows(x[:, :-1]), rows(u[:, :-1]), rows(lam[:, 1:]))
+        if out is None:
+            return None
+        Hb, first = out
+        k = Hb.shape[0]
+        return Hb.view(k, k, -1, B).permute(2, 0, 1, 3), first
+
     def lagrangian_hessian(self, H: Tensor, x: Tensor, u: Tensor, lam: Tensor,
                            create_graph: bool = False) -> Tensor:
         """The cost Hessians ``H [B, T, p, p]`` plus the dynamics' curvature weighted by the

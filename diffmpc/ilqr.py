@@ -244,10 +244,23 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Ga
         return riccati(C, c, F, None, lo, hi, None, reg), torch.zeros_like(newton)
     n = x.shape[-1]
     lam = costate(c[..., :n], time_major(F[..., :n]))
-    Hn = dyn.lagrangian_hessian(H, x, u, lam, create_graph)
-    Hn = torch.where(newton[:, None, None, None], Hn, C)
     floor = C[..., n:, n:].diagonal(dim1=-2, dim2=-1).flatten(1).amin(-1)
-    full = riccati(Hn, c, F, None, lo, hi, None, reg, floor)
+    nw = newton[:, None, None, None]
+    blocks = None
+    if not create_graph and stores_batch_last(C, n, small=True):
+        blocks = dyn.curvature_blocks(x, u, lam)
+    if blocks is not None:
+        # the pass's batch-last storage of the costs, with the curvature blocks added in place
+        # (cartpole B = 256, T = 50: 2.5 ms instead of 6.1 for the Lagrangian's [B, T, p, p]
+        # Hessians, the choice per sample, and their batch-last copy)
+        Hb, first = blocks
+        Ch = homogeneous_cost(H if H is C else torch.where(nw, H, C), c, batch_last=True)
+        a = 1 + first
+        Ch[:-1, a:, a:].add_(Hb if bool(newton.all()) else torch.where(newton, Hb, 0.0))
+        full = riccati(C, c, F, None, lo, hi, None, reg, floor, Ch=Ch, batch_last=True)
+    else:
+        Hn = torch.where(nw, dyn.lagrangian_hessian(H, x, u, lam, create_graph), C)
+        full = riccati(Hn, c, F, None, lo, hi, None, reg, floor)
     if bool(full.ok.all()):
         return full, newton
     gn = riccati(C, c, F, None, lo, hi, None, reg)

@@ -784,6 +784,59 @@ def test_whole_ladder_at_once_equals_full_step_first(name, monkeypatch):
         torch.testing.assert_close(whole.u, split.u, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", SYSTEMS)
+def test_newton_curvature_blocks_in_batch_last_costs_equal_full_hessians(name, monkeypatch):
+    """On CPU batches of one control the Newton pass adds the models' curvature blocks to the
+    Riccati pass's batch-last costs (``TrajDynamics.curvature_blocks``) instead of forming the
+    Lagrangian's ``[B, T, p, p]`` Hessians: the same iterates either way, with Newton steps taken
+    by part of the batch (the mixed case) and by all of it."""
+    from diffmpc.expand import TrajDynamics
+
+    system = make_system(name)
+    B, T = 24, 30
+    x_init = starts(name, B, seed=3)
+    blocks = TrajDynamics.curvature_blocks
+    used = []
+
+    def record(self, x, u, lam):
+        used.append(blocks(self, x, u, lam))
+        return used[-1]
+
+    out = []
+    for fn in (record, lambda self, x, u, lam: None):  # None: the [B, T, p, p] path
+        monkeypatch.setattr(TrajDynamics, "curvature_blocks", fn)
+        mpc = dm.MPC(system.n_state, 1, T, system.u_lower, system.u_upper, max_iter=20,
+                     unconverged="keep")
+        with torch.no_grad():
+            out.append(mpc(x_init, system.default_cost().quad_cost(), system))
+    assert len(used) > 0 and all(b is not None for b in used)
+    assert any(b[0].shape[-1] < B for b in used)  # sub-batches too
+    fast, full = out
+    assert torch.equal(fast.iterations, full.iterations)
+    assert torch.equal(fast.converged, full.converged)
+    torch.testing.assert_close(fast.u, full.u, rtol=0, atol=1e-12)
+
+
+def test_curvature_blocks_equal_curvature():
+    """The rows-last blocks, placed at their coordinates, are the models' ``curvature``."""
+    from diffmpc.expand import TrajDynamics
+
+    g = torch.Generator().manual_seed(4)
+    for name in SYSTEMS:
+        system = make_system(name)
+        n, B, T = system.n_state, 5, 7
+        x = starts(name, B * T, seed=2).reshape(B, T, n)
+        u = torch.randn(B, T, 1, generator=g, dtype=DT)
+        lam = torch.randn(B, T, n, generator=g, dtype=DT)
+        Hb, first = TrajDynamics(system, B, T, n, 1).curvature_blocks(x, u, lam)
+        ref = system.curvature(x[:, :-1].reshape(-1, n), u[:, :-1].reshape(-1, 1),
+                               lam[:, 1:].reshape(-1, n)).reshape(B, T - 1, n + 1, n + 1)
+        k = Hb.shape[1]
+        assert first + k == n + 1
+        assert torch.equal(ref[..., first:, first:], Hb.permute(3, 0, 1, 2))
+        assert not ref[..., :first, :].any() and not ref[..., :, :first].any()
+
+
 def test_ladder_split_minimizes_rows():
     """The two-rollout split of the line search's ladder: at the smallest expected number of rows
     (each of R samples rolls out ``end - 1`` step sizes, those expected past them the remaining

@@ -191,6 +191,13 @@ class Cartpole(StepModel):
         part, with ``beta = dt (lam_w - mu c lam_v) / D`` and
         ``h = beta (ga + d gq) + dt mu lam_v gq``.
         """
+        block = self.curvature_block(x, u, lam)
+        return None if block is None else rows_first(block[0], block[1])
+
+    def curvature_block(self, x: Tensor, u: Tensor, lam: Tensor) -> tuple[Tensor, int] | None:
+        """``curvature`` as its rows-last block ``[4, 4, N]`` in ``r = [cos th, sin th, thdot,
+        force]`` and the block's first coordinate in ``[x, u]`` (2; the cart's position and
+        velocity enter linearly); None for RK4."""
         if not euler_closed_form(self, x, u):
             return None
         e = self._euler_expansion(x, u)
@@ -206,7 +213,7 @@ class Cartpole(StepModel):
         H[1, 2] += ha * e["w"]
         H[2, 1] += ha * e["w"]
         H[2, 2] += ha * e["s"]
-        return rows_first(H, 2)
+        return H, 2
 
     def default_cost(self, **kwargs) -> GoalCost:
         """CartpoleDx's cost: goal ``[0, 0, 1, 0, 0]``, weights ``[0.1, 0.1, 1, 1, 0.1]``,

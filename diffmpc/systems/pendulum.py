@@ -143,11 +143,16 @@ class Pendulum(StepModel):
     def curvature(self, x: Tensor, u: Tensor, lam: Tensor) -> Tensor | None:
         """Closed-form ``sum_i lam_i Hess f_i`` ``[N, 4, 4]`` of the Euler step ``f`` in ``[x, u]``,
         weighted by ``lam [N, 3]``; None for RK4 (autograd then)."""
+        block = self.curvature_block(x, u, lam)
+        return None if block is None else rows_first(block[0], block[1])
+
+    def curvature_block(self, x: Tensor, u: Tensor, lam: Tensor) -> tuple[Tensor, int] | None:
+        """``curvature`` as its rows-last block ``[4, 4, N]`` and the block's first coordinate in
+        ``[x, u]`` (0: every coordinate); None for RK4."""
         if not euler_closed_form(self, x, u):
             return None
         cos_n, sin_n, phi, _, h = self._euler_expansion(x, u)
-        return rows_first(angle_output_curvature(cos_n, sin_n, lam[:, 0], lam[:, 1], phi, *h,
-                                                 0, 1))
+        return angle_output_curvature(cos_n, sin_n, lam[:, 0], lam[:, 1], phi, *h, 0, 1), 0
 
     def default_cost(self, **kwargs) -> GoalCost:
         """PendulumDx's cost: goal ``[1, 0, 0]``, weights ``[1, 1, 0.1]``, control 0.001.
