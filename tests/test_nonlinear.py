@@ -784,12 +784,15 @@ def test_whole_ladder_at_once_equals_full_step_first(name, monkeypatch):
         torch.testing.assert_close(whole.u, split.u, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["quadratic", "wavy"])
 @pytest.mark.parametrize("name", SYSTEMS)
-def test_newton_curvature_blocks_in_batch_last_costs_equal_full_hessians(name, monkeypatch):
+def test_newton_curvature_blocks_in_batch_last_costs_equal_full_hessians(name, kind, monkeypatch):
     """On CPU batches of one control the Newton pass adds the models' curvature blocks to the
     Riccati pass's batch-last costs (``TrajDynamics.curvature_blocks``) instead of forming the
     Lagrangian's ``[B, T, p, p]`` Hessians: the same iterates either way, with Newton steps taken
-    by part of the batch (the mixed case) and by all of it."""
+    by part of the batch (the mixed case) and by all of it; for a ``QuadCost`` and for a
+    non-convex cost module (whose exact Hessian the Newton samples take, the others its
+    convexified one)."""
     from diffmpc.expand import TrajDynamics
 
     system = make_system(name)
@@ -807,8 +810,10 @@ def test_newton_curvature_blocks_in_batch_last_costs_equal_full_hessians(name, m
         monkeypatch.setattr(TrajDynamics, "curvature_blocks", fn)
         mpc = dm.MPC(system.n_state, 1, T, system.u_lower, system.u_upper, max_iter=20,
                      unconverged="keep")
+        cost = system.default_cost()
+        cost = cost.quad_cost() if kind == "quadratic" else WavyCost(cost)
         with torch.no_grad():
-            out.append(mpc(x_init, system.default_cost().quad_cost(), system))
+            out.append(mpc(x_init, cost, system))
     assert len(used) > 0 and all(b is not None for b in used)
     assert any(b[0].shape[-1] < B for b in used)  # sub-batches too
     fast, full = out
