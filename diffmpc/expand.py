@@ -262,8 +262,8 @@ class TrajDynamics:
         k, B]`` and the block's first coordinate in tau, where the model computes its curvature
         rows-last (a ``curvature_block(x, u, lam)`` method, as ``Pendulum`` and ``Cartpole``
         have); None otherwise. ``riccati``'s one-control passes store their costs so, and the
-        Newton pass adds these blocks there (``ilqr._gains``) without forming ``[B, T, p, p]``
-        Hessians. No autograd graph is kept (the forward iterations only)."""
+        Newton pass adds these blocks there (``ilqr._gains``, where it records no graph) without
+        forming ``[B, T, p, p]`` Hessians."""
         block = None if self.linear else getattr(self.raw, "curvature_block", None)
         if block is None or x.shape[-2] < 2:
             return None

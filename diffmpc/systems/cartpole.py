@@ -139,8 +139,8 @@ class Cartpole(StepModel):
         ``pddot = a - mu thddot cos th`` (``mu = m_pole l / M``).
 
         Returns a dict of ``[N]`` tensors and ``[4, N]`` gradients (rows last, see
-        ``angle_output_curvature``; see the code for the names). ``e_c``, the gradient of
-        ``cos th``, is the first unit vector: its products touch the first entry only.
+        ``angle_output_curvature``; see the code for the names). The gradient of ``cos th`` in
+        r, ``e_c``, is the first unit vector: its terms are written as updates of the first entry.
         """
         _, _, c, s, w = x.unbind(-1)
         F = u[..., 0]
