@@ -393,7 +393,7 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     al = opts.line_search_decay ** first.to(x.dtype)
     predicted = -(al * dV_acc[:, 0] + al * al * dV_acc[:, 1])
     newton = opts.second_order & _newton_next(found, first, (J - J_new).detach(), predicted)
-    ladder = torch.where(found & (first > 0), first.long(), s.ladder)
+    ladder = torch.where(found & (first > 0), first, s.ladder)
     return _State(x_new, u_new, J_new, reg, step, conv, newton, torch.zeros_like(conv), ladder)
 
 

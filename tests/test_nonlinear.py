@@ -736,6 +736,13 @@ def test_a_saddle_at_the_initial_iterate_is_left():
     assert J_sol <= J_ref + 1e-8
 
 
+def assert_same_iterates(a, b):
+    """Two solves of one problem took the same steps: iterations, flags and controls."""
+    assert torch.equal(a.iterations, b.iterations)
+    assert torch.equal(a.converged, b.converged)
+    torch.testing.assert_close(a.u, b.u, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_whole_ladder_at_once_equals_full_step_first(name, monkeypatch):
     """The line search's two layouts (the full step, then the rest of the ladder for the samples
@@ -779,9 +786,7 @@ def test_whole_ladder_at_once_equals_full_step_first(name, monkeypatch):
     for split, steps in zip(out[:-1], taken[:-1], strict=True):
         assert len(steps) == len(taken[-1])
         assert all(torch.equal(a, b) for a, b in zip(steps, taken[-1], strict=True))
-        assert torch.equal(split.iterations, whole.iterations)
-        assert torch.equal(split.converged, whole.converged)
-        torch.testing.assert_close(whole.u, split.u, rtol=0, atol=1e-12)
+        assert_same_iterates(split, whole)
 
 
 @pytest.mark.parametrize("kind", ["quadratic", "wavy"])
@@ -816,10 +821,7 @@ def test_newton_curvature_blocks_in_batch_last_costs_equal_full_hessians(name, k
             out.append(mpc(x_init, cost, system))
     assert len(used) > 0 and all(b is not None for b in used)
     assert any(b[0].shape[-1] < B for b in used)  # sub-batches too
-    fast, full = out
-    assert torch.equal(fast.iterations, full.iterations)
-    assert torch.equal(fast.converged, full.converged)
-    torch.testing.assert_close(fast.u, full.u, rtol=0, atol=1e-12)
+    assert_same_iterates(*out)
 
 
 def test_curvature_blocks_equal_curvature():
