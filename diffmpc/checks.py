@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_tensor", "check_finite", "as_bound"]
+__all__ = ["check_tensor", "check_finite", "positive_definite", "as_bound"]
 
 
 def _fail(name: str, expected: str, got: str) -> None:
@@ -56,6 +56,35 @@ def check_finite(name: str, t: Tensor, summary: Tensor | None = None) -> None:
     bad = int((~torch.isfinite(t.detach())).sum())
     if bad:
         _fail(name, "finite values", f"{bad} NaN or inf entries")
+
+
+# control blocks up to this size are tested by a vectorized elimination on the CPU; LAPACK's
+# per-matrix Cholesky calls cost about 0.3 us each there (12800 5x5 blocks of C [256, 50, 15, 15]:
+# 3.8 ms, against 1.5 ms vectorized, most of it the batch-last copy)
+_PD_VECTOR_MAX = 8
+
+
+def positive_definite(A: Tensor) -> Tensor:
+    """``[...]`` bool: whether each symmetric block of ``A [..., k, k]`` is positive definite.
+
+    Symmetric Gaussian elimination without pivoting: a symmetric matrix is positive definite iff
+    every pivot is positive (they are the squares of its Cholesky factor's diagonal). Small
+    blocks on the CPU are eliminated all at once, batch-last (``k`` steps of vector operations);
+    larger ones or CUDA tensors use ``torch.linalg.cholesky_ex``. A NaN pivot counts as not
+    positive definite.
+    """
+    k = A.shape[-1]
+    if A.is_cuda or k > _PD_VECTOR_MAX or A.numel() == 0:
+        return torch.linalg.cholesky_ex(A)[1] == 0
+    W = A.reshape(-1, k, k).permute(1, 2, 0).contiguous()  # [k, k, N]: rows of N numbers
+    ok = W[0, 0] > 0
+    for i in range(1, k):
+        # the Schur complement of the pivot W[i-1, i-1] (a failed pivot leaves garbage below it,
+        # but its sample is decided already)
+        row = W[i - 1, i:] / W[i - 1, i - 1]
+        W[i:, i:].sub_(W[i:, i - 1].unsqueeze(1) * row.unsqueeze(0))
+        ok &= W[i, i] > 0
+    return ok.view(A.shape[:-2])
 
 
 def _fmt(shape: tuple) -> str:

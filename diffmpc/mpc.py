@@ -31,7 +31,7 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from diffmpc.checks import as_bound, check_finite, check_tensor
+from diffmpc.checks import as_bound, check_finite, check_tensor, positive_definite
 from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
 from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues, matvec, matvec_pair
@@ -559,10 +559,10 @@ def _check_cost(cost, B, T, n, m, ref) -> None:
         if asym > 1e-6 * (1 + scale):
             raise ValueError(f"cost.C: expected symmetric matrices, got max |C - C^T| = "
                              f"{asym:.3g}")
-        _, info = torch.linalg.cholesky_ex(C[..., n:, n:])
-        if bool((info != 0).any()):
+        bad = ~positive_definite(C[..., n:, n:])
+        if bool(bad.any()):
             raise ValueError("cost.C: expected a positive definite control block C[..., n:, n:], "
-                             f"got {int((info != 0).sum())} blocks that are not")
+                             f"got {int(bad.sum())} blocks that are not")
     elif not callable(cost):
         raise ValueError(f"cost: expected a QuadCost or a callable cost(x, u), "
                          f"got {type(cost).__name__}")

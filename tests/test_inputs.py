@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -205,6 +206,33 @@ def test_control_block_not_positive_definite_raises(prob):
     C[0, 0, n:, n:] = 0.0  # singular
     with raises_naming("cost.C"):
         call(prob, C=C)
+    C = prob.C.clone()
+    C[1, 3, n:, n:] = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=f64)  # indefinite, positive
+    with raises_naming("cost.C"):                                        # diagonal
+        call(prob, C=C)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 9])
+def test_positive_definite_matches_eigenvalues(k):
+    """``checks.positive_definite`` (vectorized elimination up to k = 8, Cholesky above) against
+    numpy's eigenvalues, on symmetric blocks whose eigenvalues are at least 0.05 from zero, with
+    0 to k of them negative (one negative eigenvalue may hide behind a positive diagonal)."""
+    from diffmpc.checks import positive_definite
+
+    g = torch.Generator().manual_seed(k)
+    N = 400
+    Q = torch.linalg.qr(torch.randn(N, k, k, generator=g, dtype=f64))[0]
+    mag = 0.05 + 2 * torch.rand(N, k, generator=g, dtype=f64)
+    neg = torch.rand(N, k, generator=g, dtype=f64) < torch.rand(N, 1, generator=g, dtype=f64) ** 3
+    A = Q @ torch.diag_embed(torch.where(neg, -mag, mag)) @ Q.mT
+    A = 0.5 * (A + A.mT)
+    want = torch.from_numpy(np.linalg.eigvalsh(A.numpy()).min(-1) > 0)
+    assert 0.2 < want.float().mean() < 0.9  # both kinds are there
+    got = positive_definite(A.view(20, 20, k, k))
+    assert got.shape == (20, 20)
+    assert torch.equal(got.flatten(), want)
+    # semi-definite (a zero pivot) is not positive definite
+    assert not bool(positive_definite(torch.ones(1, k, k, dtype=f64) + (k == 1) * -1.0)[0])
 
 
 def test_asymmetric_C_raises(prob):
