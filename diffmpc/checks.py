@@ -58,10 +58,13 @@ def check_finite(name: str, t: Tensor, summary: Tensor | None = None) -> None:
         _fail(name, "finite values", f"{bad} NaN or inf entries")
 
 
-# control blocks up to this size are tested by a vectorized elimination on the CPU; LAPACK's
-# per-matrix Cholesky calls cost about 0.3 us each there (12800 5x5 blocks of C [256, 50, 15, 15]:
-# 3.8 ms, against 1.5 ms vectorized, most of it the batch-last copy)
+# blocks of up to _PD_VECTOR_MAX rows, at least _PD_VECTOR_MIN of them, are tested by a
+# vectorized elimination on the CPU. LAPACK's per-matrix Cholesky calls cost about 0.1-0.3 us
+# each there (12800 5x5 blocks of C [256, 50, 15, 15]: 3.8 ms, against 1.5 ms vectorized, most
+# of it the batch-last copy); the elimination's k steps cost their dispatch, about 80-130 us
+# whatever the count (4x4 and 6x6 blocks: even with LAPACK at about 1500)
 _PD_VECTOR_MAX = 8
+_PD_VECTOR_MIN = 2048
 
 
 def positive_definite(A: Tensor) -> Tensor:
@@ -69,12 +72,12 @@ def positive_definite(A: Tensor) -> Tensor:
 
     Symmetric Gaussian elimination without pivoting: a symmetric matrix is positive definite iff
     every pivot is positive (they are the squares of its Cholesky factor's diagonal). Small
-    blocks on the CPU are eliminated all at once, batch-last (``k`` steps of vector operations);
-    larger ones or CUDA tensors use ``torch.linalg.cholesky_ex``. A NaN pivot counts as not
-    positive definite.
+    blocks, many of them, on the CPU are eliminated all at once, batch-last (``k`` steps of
+    vector operations); otherwise ``torch.linalg.cholesky_ex`` decides. A NaN pivot counts as
+    not positive definite.
     """
-    k = A.shape[-1]
-    if A.is_cuda or k > _PD_VECTOR_MAX or A.numel() == 0:
+    A, k = A.detach(), A.shape[-1]
+    if A.is_cuda or k > _PD_VECTOR_MAX or A.numel() < _PD_VECTOR_MIN * k * k:
         return torch.linalg.cholesky_ex(A)[1] == 0
     W = A.reshape(-1, k, k).permute(1, 2, 0).contiguous()  # [k, k, N]: rows of N numbers
     ok = W[0, 0] > 0

@@ -214,13 +214,15 @@ def test_control_block_not_positive_definite_raises(prob):
 
 @pytest.mark.parametrize("k", [1, 2, 5, 8, 9])
 def test_positive_definite_matches_eigenvalues(k):
-    """``checks.positive_definite`` (vectorized elimination up to k = 8, Cholesky above) against
-    numpy's eigenvalues, on symmetric blocks whose eigenvalues are at least 0.05 from zero, with
-    0 to k of them negative (one negative eigenvalue may hide behind a positive diagonal)."""
-    from diffmpc.checks import positive_definite
+    """``checks.positive_definite`` (vectorized elimination for many blocks of up to 8 rows,
+    Cholesky otherwise) against numpy's eigenvalues, on symmetric blocks whose eigenvalues are at
+    least 0.05 from zero, with 0 to k of them negative (one negative eigenvalue may hide behind a
+    positive diagonal)."""
+    from diffmpc.checks import _PD_VECTOR_MIN, positive_definite
 
     g = torch.Generator().manual_seed(k)
-    N = 400
+    N = 2400
+    assert N >= _PD_VECTOR_MIN
     Q = torch.linalg.qr(torch.randn(N, k, k, generator=g, dtype=f64))[0]
     mag = 0.05 + 2 * torch.rand(N, k, generator=g, dtype=f64)
     neg = torch.rand(N, k, generator=g, dtype=f64) < torch.rand(N, 1, generator=g, dtype=f64) ** 3
@@ -228,9 +230,10 @@ def test_positive_definite_matches_eigenvalues(k):
     A = 0.5 * (A + A.mT)
     want = torch.from_numpy(np.linalg.eigvalsh(A.numpy()).min(-1) > 0)
     assert 0.2 < want.float().mean() < 0.9  # both kinds are there
-    got = positive_definite(A.view(20, 20, k, k))
-    assert got.shape == (20, 20)
+    got = positive_definite(A.view(40, 60, k, k))
+    assert got.shape == (40, 60)
     assert torch.equal(got.flatten(), want)
+    assert torch.equal(positive_definite(A[:20]), want[:20])  # a few blocks: Cholesky
     # semi-definite (a zero pivot) is not positive definite
     assert not bool(positive_definite(torch.ones(1, k, k, dtype=f64) + (k == 1) * -1.0)[0])
 
