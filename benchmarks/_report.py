@@ -44,10 +44,14 @@ def clock(dev: torch.device) -> float:
 
 
 def device_name(dev: torch.device) -> str:
-    """``"CPU, N thread(s)"`` or the GPU's name, for table headers."""
+    """``"CPU, N thread(s), native kernels on|off"`` (``diffmpc.native``) or the GPU's name, for
+    table headers."""
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU, {torch.get_num_threads()} thread(s)"
+    from diffmpc import native
+
+    kernels = "on" if native.available() else "off"
+    return f"CPU, {torch.get_num_threads()} thread(s), native kernels {kernels}"
 
 
 def ints(text: str) -> list[int]:

@@ -3,7 +3,9 @@
 For each problem of ``solver_speed.py`` (n = 10, m = 5, float64) and each recursion, one fwd+bwd
 (solve plus the backward of ``sum(u * W)``) is timed (min and median of ``--reps``) and then
 counted: on CUDA the kernel launches and the GPU's busy time (torch.profiler), on the CPU the
-dispatched operations other than views (a proxy for launches). Prints a markdown table.
+dispatched operations other than views (a proxy for launches). Prints a markdown table. Both
+recursions run in PyTorch operations: the compiled CPU pass (``diffmpc.native``) is switched off,
+as it never runs on a GPU and would hide the sequential pass's operations on the CPU.
 
     python benchmarks/launches.py --device cuda --sizes 256x50,1024x50,4096x50
     python benchmarks/launches.py --sizes 1x50,256x50      # CPU: dispatched operations
@@ -22,6 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
 import solver_speed as ss  # noqa: E402
+
+from diffmpc import native  # noqa: E402
 
 COLUMNS = ["problem", "B", "T", "time_parallel", "fwd+bwd ms (min)", "fwd+bwd ms (median)",
            "operations", "GPU busy ms", "conv"]
@@ -67,7 +71,8 @@ def bench(B: int, T: int, box: bool, parallel: bool, reps: int, dev: torch.devic
     out = {}
 
     def fn():
-        out["run"] = ss.run_diffmpc(prob, T, box, True, time_parallel=parallel)
+        with native.enabled(False):
+            out["run"] = ss.run_diffmpc(prob, T, box, True, time_parallel=parallel)
 
     fn()  # warm-up
     times = []

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffmpc import native
 from diffmpc.boxqp import box_qp, free_masks, masked_cholesky
 from diffmpc.parallel import affine_suffix, gains_from_values, prefix_products, value_scan
 
@@ -221,10 +222,15 @@ def riccati(
     if batch_last and not soa:
         raise ValueError("riccati: batch_last=True needs a pass that stores its steps batch-last "
                          "(stores_batch_last), got one that does not")
+    # several controls on a CPU, fixed-set or unconstrained: the compiled pass (diffmpc.native)
+    use_native = (p - n > 1 and not parallel and lower is None and uu_floor is None
+                  and (reg is None or not bool(reg.any())) and native.handles(C, c, F, d, Fh, Ch))
     if Fh is None and T > 1:
         Fh = homogeneous_dynamics(F, d, batch_last=soa)
     elif soa and Fh is not None and not batch_last:
         Fh = Fh.permute(0, 2, 3, 1).contiguous()
+    if use_native:
+        return _native_riccati(C, c, Ch, Fh, free, n, expected)
     if Ch is None and (parallel or small):
         Ch = homogeneous_cost(C, c, batch_last=soa)
     elif soa and not batch_last:
@@ -276,6 +282,20 @@ def riccati(
     L = torch.stack(Ls).transpose(0, 1)
     ok = (torch.stack(infos, 1) == 0).all(1)
     return Gains(K, k, free, dV, ok, L, Fh)
+
+
+def _native_riccati(C, c, Ch, Fh, free, n, expected) -> Gains:
+    """``riccati`` by the compiled pass (``diffmpc.native.riccati``), reading C and c (or Ch) and
+    Fh in place; the same results as the sequential pass to rounding."""
+    if Ch is not None:
+        Cb = Ch.transpose(0, 1)
+        C, c = Cb[..., 1:, 1:], Cb[..., 1:, 0]
+    Kh, L, info, dV = native.riccati(C, c, None if Fh is None else Fh.transpose(0, 1), free, n,
+                                     expected)
+    Kh, L = Kh.transpose(0, 1), L.transpose(0, 1)
+    if free is None:
+        free = torch.ones(Kh.shape[:3], dtype=torch.bool, device=C.device)
+    return Gains(Kh[..., 1:], Kh[..., 0], free, dV, (info == 0).all(0), L, Fh)
 
 
 def _parallel_riccati(Ch, Fh, n, free, expected) -> Gains | None:

@@ -266,12 +266,18 @@ def fraction_active():
     return active_fraction
 
 
-@pytest.fixture(params=["sequential", "time_parallel"])
+@pytest.fixture(params=["native", "sequential", "time_parallel"])
 def recursion(request, monkeypatch):
-    """Runs a test twice: with the sequential Riccati recursions (the CPU default) and with their
-    scans over time (``SolverOptions.time_parallel``, the CUDA default), whatever the options."""
+    """Runs a test three times: with the sequential Riccati recursions, compiled
+    (``diffmpc.native``, the CPU default where a C compiler is found) and in PyTorch operations,
+    and with their scans over time (``SolverOptions.time_parallel``, the CUDA default), whatever
+    the options."""
     import diffmpc as dm
+    from diffmpc import native
 
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native kernels: {native.status()}")
+    monkeypatch.setattr(native, "_enabled", request.param == "native")
     flag = request.param == "time_parallel"
     monkeypatch.setattr(dm.SolverOptions, "parallel_for", lambda self, x_init, T: flag)
     return request.param

@@ -17,8 +17,8 @@ import diffmpc as dm
 MODES = ["implicit", "gauss_newton", "unroll"]
 NAMES = ("x_init", "C", "c", "F", "f")
 
-# every test here runs twice: with the sequential Riccati recursions and with their scans over
-# time (the ``recursion`` fixture of conftest.py)
+# every test here runs three times: with the sequential Riccati recursions, compiled and in PyTorch
+# operations, and with their scans over time (the ``recursion`` fixture of conftest.py)
 pytestmark = pytest.mark.usefixtures("recursion")
 
 

@@ -1,0 +1,24 @@
+/* Native kernels of diffmpc's linear-quadratic passes (see diffmpc/native.py, which compiles
+ * this file on first use and falls back to PyTorch operations where it cannot). */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define LANES 4
+
+#define REAL double
+#define VEC vec_f64
+#define NAME(x) x##_f64
+#include "lq_body.h"
+#undef REAL
+#undef VEC
+#undef NAME
+
+#define REAL float
+#define VEC vec_f32
+#define NAME(x) x##_f32
+#include "lq_body.h"
+#undef REAL
+#undef VEC
+#undef NAME

@@ -1,0 +1,189 @@
+"""Native kernels: the Riccati pass compiled from C on first use, with PyTorch as the fallback.
+
+On a CPU the sequential Riccati pass of a multi-control problem is a chain of small batched
+products, which BLAS runs far below this machine's peak (``BENCHMARKS.md``). ``_native/lq.c``
+runs it with several samples in the lanes of each vector instruction instead. It is compiled
+once per machine with the system's C compiler (``$CC``, else ``cc``) into a cache directory
+(``$DIFFMPC_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffmpc``, else ``~/.cache/diffmpc``) and loaded
+with ctypes: no build step at install time, no Python headers.
+
+Where there is no compiler, or the build fails, or ``DIFFMPC_NATIVE=0`` is set, ``available()``
+is False, ``status()`` says why, and every solve uses PyTorch operations (the same results to
+rounding). Nothing is printed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "status", "riccati"]
+
+_SOURCES = ("lq.c", "lq_body.h")
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None  # why the library is not available; None before the first attempt
+_enabled = True  # switched by ``enabled`` (tests compare both paths)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DIFFMPC_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "diffmpc"
+
+
+def _cpu_key() -> str:
+    """What the compiled code depends on besides the sources: the machine (``-march=native``)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name", "Features")):
+                    flags += line
+                    if flags.count("\n") >= 2:
+                        break
+    except OSError:
+        pass
+    return platform.machine() + platform.system() + flags
+
+
+def _build() -> ctypes.CDLL:
+    src = Path(__file__).with_name("_native")
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler found (tried {cc!r}; set CC to use another)")
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((src / name).read_bytes())
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+    digest.update((cc + version.stdout + " ".join(_FLAGS) + _cpu_key()).encode())
+    out = _cache_dir() / f"lq-{digest.hexdigest()[:16]}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # build beside the target, then rename: concurrent processes (pytest -n) never load a
+        # half-written library
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            res = subprocess.run([cc, *_FLAGS, "-o", tmp, str(src / "lq.c")],
+                                 capture_output=True, text=True, timeout=300)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cc} failed to compile {src / 'lq.c'}: "
+                                   f"{res.stderr.strip()[-2000:]}")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for suffix in ("f64", "f32"):
+        fn = getattr(lib, f"diffmpc_riccati_{suffix}")
+        fn.argtypes = [i64, i64, i64, i64] + [ptr] * 12
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _reason
+    if _lib is not None or _reason is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _reason is None:
+            if os.environ.get("DIFFMPC_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+                _reason = "disabled by DIFFMPC_NATIVE"
+            else:
+                try:
+                    _lib = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                    _reason = str(err)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the native kernels are compiled, loaded and enabled (builds them on first call)."""
+    return _enabled and _load() is not None
+
+
+def status() -> str:
+    """``"available"``, or why the native kernels are not used."""
+    if not _enabled:
+        return "disabled by diffmpc.native.enabled(False)"
+    return "available" if _load() is not None else f"unavailable: {_reason}"
+
+
+class enabled:
+    """``with diffmpc.native.enabled(False): ...`` runs the PyTorch operations instead (as a
+    context manager; called plainly it switches until switched back)."""
+
+    def __init__(self, on: bool):
+        global _enabled
+        self._before, _enabled = _enabled, bool(on)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _enabled
+        _enabled = self._before
+
+
+def handles(C: Tensor, *others: Tensor | None) -> bool:
+    """Whether the native kernels can take these tensors: on the CPU, float32 or float64, none
+    requiring grad while grad mode records."""
+    if C.device.type != "cpu" or C.dtype not in (torch.float64, torch.float32):
+        return False
+    tensors = (C,) + tuple(o for o in others if o is not None)
+    if torch.is_grad_enabled() and any(o.requires_grad for o in tensors):
+        return False
+    return all(o.dtype == C.dtype or o.dtype == torch.bool for o in tensors) and available()
+
+
+def _strides(t: Tensor, k: int) -> ctypes.Array:
+    return (ctypes.c_int64 * k)(*t.stride())
+
+
+def riccati(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor | None, n: int,
+            expected: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The native Riccati pass (see ``_native/lq_body.h``).
+
+    Args:
+        C: ``[B, T, p, p]`` view (any strides). c: ``[B, T, p]`` view.
+        Fh: ``[B, T-1, n+1, p+1]`` view of the homogeneous dynamics, or None if T = 1.
+        free: ``[B, T, m]`` bool view, or None (all free).
+        n: state size.
+        expected: compute dV.
+
+    Returns:
+        Kh ``[T, B, m, n+1]``, L ``[T, B, m, m]``, info ``[T, B]`` (int32), dV ``[B, 2]`` or None.
+    """
+    lib = _load()
+    B, T, p = C.shape[0], C.shape[1], C.shape[-1]
+    m = p - n
+    Kh = C.new_empty(T, B, m, n + 1)
+    L = C.new_empty(T, B, m, m)
+    info = torch.empty(T, B, dtype=torch.int32)
+    dV = C.new_empty(B, 2) if expected else None
+    fn = lib.diffmpc_riccati_f64 if C.dtype == torch.float64 else lib.diffmpc_riccati_f32
+    if free is not None and free.dtype != torch.bool:
+        raise ValueError(f"free: expected a bool tensor, got {free.dtype}")
+    rc = fn(B, T, n, m,
+            C.data_ptr(), _strides(C, 4), c.data_ptr(), _strides(c, 3),
+            None if Fh is None else Fh.data_ptr(), None if Fh is None else _strides(Fh, 4),
+            None if free is None else free.data_ptr(), None if free is None else _strides(free, 3),
+            Kh.data_ptr(), L.data_ptr(), info.data_ptr(), None if dV is None else dV.data_ptr())
+    if rc != 0:
+        raise MemoryError("diffmpc native riccati: out of memory")
+    return Kh, L, info, dV

@@ -1,0 +1,190 @@
+"""The compiled Riccati pass (diffmpc.native) against the same pass in PyTorch operations.
+
+The solutions of both paths are checked against cvxpy in test_lqr.py (its ``recursion``
+fixture runs every test with each); here the gains themselves are compared on the cases the
+kernel reads differently: batch sizes that do not fill its vector lanes, free sets, strided,
+broadcast and homogeneous operands, float32, and control blocks that are not positive definite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffmpc import lqr, native
+
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f"native kernels: {native.status()}")
+
+
+def _both(*args, **kw):
+    """``lqr.riccati`` compiled and in PyTorch operations, asserting that the first was
+    compiled (the PyTorch pass stacks its steps, the compiled one fills one block)."""
+    calls = []
+    real = native.riccati
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    try:
+        native.riccati = spy
+        fast = lqr.riccati(*args, **kw)
+    finally:
+        native.riccati = real
+    assert calls, "the compiled pass was not used"
+    with native.enabled(False):
+        ref = lqr.riccati(*args, **kw)
+    return fast, ref
+
+
+def _assert_same(fast, ref, rtol=1e-10, atol=1e-12):
+    assert torch.equal(fast.ok, ref.ok)
+    assert torch.equal(fast.free, ref.free)
+    ok = fast.ok
+    for name in ("K", "k", "L", "dV"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a[ok], b[ok], rtol=rtol, atol=atol, msg=name)
+    assert fast.Fh is ref.Fh or torch.equal(fast.Fh, ref.Fh)
+
+
+@needs_native
+def test_native_is_available_where_a_compiler_is():
+    assert shutil.which(os.environ.get("CC", "cc")) is not None
+    assert native.status() == "available"
+
+
+@needs_native
+@pytest.mark.parametrize("B,T,n,m", [(1, 1, 3, 2), (3, 6, 4, 2), (7, 9, 5, 3), (9, 4, 2, 5)])
+@pytest.mark.parametrize("expected", [False, True])
+def test_unconstrained_gains_equal_pytorch(make_problem, B, T, n, m, expected):
+    """B = 1, 3, 7, 9: partly filled groups of 4 lanes (the padding lanes must not leak)."""
+    prob = make_problem(B, T, n, m, seed=B + T)
+    with torch.inference_mode():
+        fast, ref = _both(prob.C, prob.c, prob.F, prob.f, expected=expected)
+    _assert_same(fast, ref)
+
+
+@needs_native
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fixed_set_gains_equal_pytorch(make_problem, seed):
+    """Random free sets, with steps where every control is held and samples where none is."""
+    prob = make_problem(6, 8, 4, 3, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    free = torch.rand(6, 8, 3, generator=g) > 0.4
+    free[0, 2] = False
+    free[1] = True
+    with torch.inference_mode():
+        fast, ref = _both(prob.C, prob.c, prob.F, prob.f, free=free, expected=True)
+    _assert_same(fast, ref)
+    # a held control has a zero row in [k | K] and an identity row in L
+    held = ~free
+    assert bool((fast.k[held] == 0).all()) and bool((fast.K[held] == 0).all())
+    eye = torch.eye(3, dtype=torch.float64).expand(6, 8, 3, 3)
+    assert bool((fast.L[0, 2] == eye[0, 2]).all())
+
+
+@needs_native
+def test_strided_broadcast_and_homogeneous_operands(make_problem):
+    """A cost shared by every sample and step (stride 0), non-contiguous linear terms, free
+    sets given as a view, and the homogeneous cost and dynamics that the active-set passes
+    keep (``Ch``, ``Fh``): the kernel reads all of them in place."""
+    prob = make_problem(5, 6, 4, 2, seed=7)
+    C = prob.C[0, 0].expand(5, 6, 6, 6)
+    c = torch.randn(6, 5, 6, dtype=torch.float64).transpose(0, 1)
+    free = (torch.rand(5, 6, 2, 2) > 0.3)[..., 0]
+    with torch.inference_mode():
+        fast, ref = _both(C, c, prob.F, prob.f, free=free, expected=True)
+        _assert_same(fast, ref)
+        Ch = lqr.homogeneous_cost(prob.C, prob.c)
+        Fh = lqr.homogeneous_dynamics(prob.F, prob.f)
+        fast, ref = _both(prob.C, prob.c, prob.F, None, free=free, Ch=Ch, Fh=Fh)
+        _assert_same(fast, ref)
+        plain = lqr.riccati(prob.C, prob.c, prob.F, prob.f, free=free)
+    _assert_same(fast, plain)
+
+
+@needs_native
+def test_float32_gains_equal_pytorch(make_problem):
+    prob = make_problem(6, 7, 4, 3, seed=5)
+    args = [t.float() for t in (prob.C, prob.c, prob.F, prob.f)]
+    with torch.inference_mode():
+        fast, ref = _both(*args, expected=True)
+    assert fast.K.dtype == torch.float32
+    _assert_same(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_indefinite_control_block_is_flagged_like_pytorch(make_problem):
+    """A control Hessian that is not positive definite at some step makes ``ok`` False for its
+    sample only, as LAPACK's factorization does in the PyTorch pass."""
+    prob = make_problem(5, 6, 3, 2, seed=2)
+    C = prob.C.clone()
+    C[1, 3, 3:, 3:] = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # indefinite
+    C[3, 5, 4, 4] = -1.0
+    with torch.inference_mode():
+        fast, ref = _both(C, prob.c, prob.F, prob.f)
+    assert fast.ok.tolist() == [True, False, True, False, True]
+    _assert_same(fast, ref)
+
+
+def test_not_used_where_grad_is_recorded(make_problem):
+    """Operands that require grad (unrolled differentiation) take the PyTorch pass, which
+    autograd can follow."""
+    prob = make_problem(3, 4, 3, 2, seed=1)
+    c = prob.c.clone().requires_grad_(True)
+    g = lqr.riccati(prob.C, c, prob.F, prob.f)
+    assert g.k.requires_grad
+    g.k.sum().backward()
+    assert c.grad is not None and bool(c.grad.abs().sum() > 0)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+_SOLVE = """
+import torch, diffmpc as dm
+from diffmpc import native
+torch.manual_seed(0)
+n, m, T, B = 3, 2, 5, 2
+C = torch.eye(n + m, dtype=torch.float64).expand(B, T, n + m, n + m)
+F = torch.cat([torch.eye(n), torch.ones(n, m)], 1).double().expand(B, T - 1, n, n + m)
+sol = dm.MPC(n, m, T)(torch.ones(B, n, dtype=torch.float64), dm.QuadCost(C, torch.zeros(B, T, n + m,
+    dtype=torch.float64)), dm.LinearDynamics(F, torch.zeros(B, T - 1, n, dtype=torch.float64)))
+print(native.status()); print(float(sol.u.abs().sum()))
+"""
+
+
+def test_disabled_by_environment_and_without_a_compiler(tmp_path):
+    """``DIFFMPC_NATIVE=0`` and a compiler that fails both leave the PyTorch pass, with the same
+    solution and the reason in ``native.status()``, and print nothing else."""
+    runs = {
+        "off": _python(_SOLVE, DIFFMPC_NATIVE="0", DIFFMPC_CACHE_DIR=str(tmp_path / "a")),
+        "broken": _python(_SOLVE, CC="false", DIFFMPC_CACHE_DIR=str(tmp_path / "b")),
+        "missing": _python(_SOLVE, CC="no-such-compiler-xyz", DIFFMPC_CACHE_DIR=str(tmp_path / "c")),
+    }
+    for name, r in runs.items():
+        assert r.returncode == 0, (name, r.stderr)
+        assert r.stderr == "", (name, r.stderr)
+    status = {k: r.stdout.splitlines()[0] for k, r in runs.items()}
+    assert status["off"] == "unavailable: disabled by DIFFMPC_NATIVE"
+    assert status["broken"].startswith("unavailable: false failed to compile")
+    assert status["missing"].startswith("unavailable: no C compiler found")
+    values = {float(r.stdout.splitlines()[1]) for r in runs.values()}
+    assert len(values) == 1
+    if native.available():  # the compiled pass in a fresh cache: the same solution to rounding
+        r = _python(_SOLVE, DIFFMPC_CACHE_DIR=str(tmp_path / "d"))
+        assert r.returncode == 0 and r.stdout.splitlines()[0] == "available", r.stderr
+        assert abs(float(r.stdout.splitlines()[1]) - values.pop()) <= 1e-12
+        assert len(list((tmp_path / "d").glob("lq-*.so"))) == 1
