@@ -421,6 +421,10 @@ def feedforward(gains: Gains, c: Tensor) -> Gains:
     if gains.parallel:
         return _parallel_feedforward(gains, c)
     T, n = c.shape[1], gains.K.shape[-1]
+    if (gains.Fh is not None or T == 1) and native.handles(c, gains.K, gains.L, gains.Fh):
+        Fh = None if gains.Fh is None else gains.Fh.transpose(0, 1)
+        k = native.feedforward(c, Fh, gains.K, gains.free, gains.L)
+        return Gains(gains.K, k, gains.free, None, gains.ok, gains.L, gains.Fh)
     qus = [None] * T
     v = None
     for t in range(T - 1, -1, -1):
@@ -484,6 +488,9 @@ def rollout_affine(gains: Gains, dx0: Tensor, offsets: bool = True) -> tuple[Ten
     if gains.parallel:
         return _parallel_rollout(gains, dx0, offsets)
     T = gains.k.shape[1]
+    if (gains.Fh is not None or T == 1) and native.handles(dx0, gains.K, gains.k, gains.Fh):
+        Fh = None if gains.Fh is None else gains.Fh.transpose(0, 1)
+        return native.rollout(gains.K, gains.k, Fh, dx0, offsets)
     one = dx0.new_ones(dx0.shape[0], 1) if offsets else dx0.new_zeros(dx0.shape[0], 1)
     xs, us = [], []
     x = dx0
@@ -519,6 +526,8 @@ def costate(gx: Tensor, Fx: Tensor | None, parallel: bool = False) -> Tensor:
     if parallel and Fx is not None:
         return _parallel_costate(gx, Fx)
     T = gx.shape[1]
+    if native.handles(gx, Fx) and (Fx is not None or T == 1):
+        return native.costate(gx, None if Fx is None else Fx.transpose(0, 1))
     # the steps' operands as views made in one call each (a view per step and operand costs its
     # dispatch, as much as the product at small sizes); lam kept as [B, n, 1] columns
     gxs = gx.unsqueeze(-1).unbind(1)

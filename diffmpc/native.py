@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "riccati"]
+__all__ = ["available", "status", "enabled", "riccati", "rollout", "costate", "feedforward"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
@@ -89,10 +89,15 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    signatures = {"riccati": [i64] * 4 + [ptr] * 12,
+                  "rollout": [i64] * 4 + [ptr] * 8 + [ctypes.c_int, ptr, ptr],
+                  "costate": [i64] * 3 + [ptr] * 5,
+                  "feedforward": [i64] * 4 + [ptr] * 11}
     for suffix in ("f64", "f32"):
-        fn = getattr(lib, f"diffmpc_riccati_{suffix}")
-        fn.argtypes = [i64, i64, i64, i64] + [ptr] * 12
-        fn.restype = ctypes.c_int
+        for name, args in signatures.items():
+            fn = getattr(lib, f"diffmpc_{name}_{suffix}")
+            fn.argtypes = args
+            fn.restype = ctypes.c_int
     return lib
 
 
@@ -151,8 +156,21 @@ def handles(C: Tensor, *others: Tensor | None) -> bool:
     return all(o.dtype == C.dtype or o.dtype == torch.bool for o in tensors) and available()
 
 
-def _strides(t: Tensor, k: int) -> ctypes.Array:
-    return (ctypes.c_int64 * k)(*t.stride())
+def _view(t: Tensor | None) -> tuple:
+    """A tensor's data pointer and element strides for the kernels (NULL, NULL for None)."""
+    if t is None:
+        return None, None
+    return t.data_ptr(), (ctypes.c_int64 * t.dim())(*t.stride())
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    suffix = "f64" if dtype == torch.float64 else "f32"
+    return getattr(_load(), f"diffmpc_{name}_{suffix}")
+
+
+def _bool(free: Tensor | None) -> None:
+    if free is not None and free.dtype != torch.bool:
+        raise ValueError(f"free: expected a bool tensor, got {free.dtype}")
 
 
 def riccati(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor | None, n: int,
@@ -169,21 +187,58 @@ def riccati(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor | None, n: int
     Returns:
         Kh ``[T, B, m, n+1]``, L ``[T, B, m, m]``, info ``[T, B]`` (int32), dV ``[B, 2]`` or None.
     """
-    lib = _load()
     B, T, p = C.shape[0], C.shape[1], C.shape[-1]
     m = p - n
+    _bool(free)
     Kh = C.new_empty(T, B, m, n + 1)
     L = C.new_empty(T, B, m, m)
     info = torch.empty(T, B, dtype=torch.int32)
     dV = C.new_empty(B, 2) if expected else None
-    fn = lib.diffmpc_riccati_f64 if C.dtype == torch.float64 else lib.diffmpc_riccati_f32
-    if free is not None and free.dtype != torch.bool:
-        raise ValueError(f"free: expected a bool tensor, got {free.dtype}")
-    rc = fn(B, T, n, m,
-            C.data_ptr(), _strides(C, 4), c.data_ptr(), _strides(c, 3),
-            None if Fh is None else Fh.data_ptr(), None if Fh is None else _strides(Fh, 4),
-            None if free is None else free.data_ptr(), None if free is None else _strides(free, 3),
-            Kh.data_ptr(), L.data_ptr(), info.data_ptr(), None if dV is None else dV.data_ptr())
+    rc = _kernel("riccati", C.dtype)(B, T, n, m, *_view(C), *_view(c), *_view(Fh), *_view(free),
+                                     Kh.data_ptr(), L.data_ptr(), info.data_ptr(),
+                                     None if dV is None else dV.data_ptr())
     if rc != 0:
-        raise MemoryError("diffmpc native riccati: out of memory")
+        raise MemoryError("diffmpc.native.riccati: out of memory")
     return Kh, L, info, dV
+
+
+def rollout(K: Tensor, k: Tensor, Fh: Tensor | None, x0: Tensor, offsets: bool
+            ) -> tuple[Tensor, Tensor]:
+    """The native closed-loop rollout of ``lqr.rollout_affine``.
+
+    Args:
+        K: ``[B, T, m, n]`` view. k: ``[B, T, m]`` view.
+        Fh: ``[B, T-1, n+1, p+1]`` view of the homogeneous dynamics, or None if T = 1.
+        x0: ``[B, n]``. offsets: add the dynamics' offsets.
+
+    Returns:
+        x ``[B, T, n]``, u ``[B, T, m]``.
+    """
+    B, T, m, n = K.shape
+    x, u = K.new_empty(B, T, n), K.new_empty(B, T, m)
+    _kernel("rollout", K.dtype)(B, T, n, m, *_view(K), *_view(k), *_view(Fh), *_view(x0),
+                                int(offsets), x.data_ptr(), u.data_ptr())
+    return x, u
+
+
+def costate(gx: Tensor, Fx: Tensor | None) -> Tensor:
+    """The native ``lqr.costate``: gx ``[B, T, n]`` view, Fx ``[B, T-1, n, n]`` view or None if
+    T = 1; returns lam ``[B, T, n]``."""
+    B, T, n = gx.shape
+    lam = gx.new_empty(B, T, n)
+    _kernel("costate", gx.dtype)(B, T, n, *_view(gx), *_view(Fx), lam.data_ptr())
+    return lam
+
+
+def feedforward(c: Tensor, Fh: Tensor | None, K: Tensor, free: Tensor | None, L: Tensor
+                ) -> Tensor:
+    """The native ``lqr.feedforward``: c ``[B, T, p]``, Fh as in ``riccati``, K ``[B, T, m, n]``,
+    free ``[B, T, m]`` bool or None, L ``[B, T, m, m]`` (views); returns k ``[B, T, m]``."""
+    B, T, m, n = K.shape
+    _bool(free)
+    k = c.new_empty(B, T, m)
+    rc = _kernel("feedforward", c.dtype)(B, T, n, m, *_view(c), *_view(Fh), *_view(K),
+                                         *_view(free), *_view(L), k.data_ptr())
+    if rc != 0:
+        raise MemoryError("diffmpc.native.feedforward: out of memory")
+    return k

@@ -188,3 +188,55 @@ def test_disabled_by_environment_and_without_a_compiler(tmp_path):
         assert r.returncode == 0 and r.stdout.splitlines()[0] == "available", r.stderr
         assert abs(float(r.stdout.splitlines()[1]) - values.pop()) <= 1e-12
         assert len(list((tmp_path / "d").glob("lq-*.so"))) == 1
+
+
+def _spied(name, fn, *args, **kw):
+    """``fn(*args, **kw)`` asserting that it called ``native.<name>``."""
+    calls = []
+    real = getattr(native, name)
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    setattr(native, name, spy)
+    try:
+        out = fn(*args, **kw)
+    finally:
+        setattr(native, name, real)
+    assert calls, f"native.{name} was not used"
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("B,T,n,m", [(1, 1, 3, 2), (5, 7, 4, 3), (6, 5, 3, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rollout_costate_and_feedforward_equal_pytorch(make_problem, B, T, n, m, dtype):
+    """The vector recursions that reuse a pass (closed-loop rollout with and without offsets,
+    the costate along its dynamics, new feedforward terms on a free set) compiled and in
+    PyTorch operations, on gains whose k is a separate tensor and K a strided view."""
+    prob = make_problem(B, T, n, m, seed=T)
+    C, c, F, f = (t.to(dtype) for t in (prob.C, prob.c, prob.F, prob.f))
+    x0 = prob.x_init.to(dtype)
+    free = torch.rand(B, T, m, generator=torch.Generator().manual_seed(1)) > 0.3
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4,
+                                                                          "atol": 1e-5}
+    c2 = torch.randn(B, T, n + m, dtype=dtype)
+    gx = torch.randn(B, T + 1, n, dtype=dtype)[:, 1:]  # a view with an offset
+    with torch.inference_mode():
+        with native.enabled(False):
+            gains = lqr.riccati(C, c, F, f, free=free)
+        Fx = None if gains.Fh is None else gains.Fh[:, :, 1:, 1:n + 1]
+        new = _spied("feedforward", lqr.feedforward, gains, c2)
+        with native.enabled(False):
+            ref = lqr.feedforward(gains, c2)
+        torch.testing.assert_close(new.k, ref.k, **tol)
+        for offsets in (True, False):
+            out = _spied("rollout", lqr.rollout_affine, new, x0, offsets)
+            with native.enabled(False):
+                exp = lqr.rollout_affine(ref, x0, offsets)
+            for a, b in zip(out, exp, strict=True):
+                torch.testing.assert_close(a, b, **tol)
+        lam = _spied("costate", lqr.costate, gx, Fx)
+        with native.enabled(False):
+            torch.testing.assert_close(lam, lqr.costate(gx, Fx), **tol)

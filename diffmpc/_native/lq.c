@@ -6,6 +6,8 @@
 #include <stdlib.h>
 
 #define LANES 4
+/* the vector of the LANES numbers at offset o from the LANES pointers P */
+#define GATHER(P, o) ((VEC){(P)[0][o], (P)[1][o], (P)[2][o], (P)[3][o]})
 
 #define REAL double
 #define VEC vec_f64

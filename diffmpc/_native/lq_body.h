@@ -28,36 +28,46 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
                           const REAL *Fh, const int64_t *sF, const uint8_t *fr,
                           const int64_t *sfr, REAL *Kh, REAL *L, int32_t *info, REAL *dV)
 {
-    const int64_t p = n + m, nh = n + 1;
-    const int64_t count = n * n + n + n * p + n + p * p + p + n * p + m * m + m * nh + n + m + m;
+    const int64_t p = n + m, nh = n + 1, groups = (B + LANES - 1) / LANES;
+    /* per group of LANES samples, kept across steps: V, v and the two sums of dV */
+    const int64_t state = n * n + n + 2;
+    const int64_t count = groups * state + n * p + n + p * p + p + n * p + m * m + m * nh + n
+                          + m + m;
     VEC *buf = (VEC *)aligned_alloc(64, (size_t)((count * (int64_t)sizeof(VEC) + 63) / 64 * 64));
     if (buf == NULL)
         return -1;
-    VEC *V = buf, *v = V + n * n, *W = v + n, *g = W + n * p, *Q = g + n, *q = Q + p * p;
+    VEC *W = buf + groups * state, *g = W + n * p, *Q = g + n, *q = Q + p * p;
     VEC *Fv = q + p, *Lv = Fv + n * p, *Y = Lv + m * m, *gd = Y + m * nh, *inv = gd + n;
     VEC *y = inv + m;
     const VEC zero = {0};
-    for (int64_t b0 = 0; b0 < B; b0 += LANES) {
-        const int lanes = (int)(B - b0 < LANES ? B - b0 : LANES);
-        VEC dv0 = zero, dv1 = zero;
-        for (int64_t t = T - 1; t >= 0; --t) {
-            const int last = t == T - 1;
-            for (int s = 0; s < LANES; ++s) {  /* padding lanes repeat the last sample */
+    for (int64_t i = 0; i < groups * state; ++i)
+        buf[i] = zero;
+    /* time outside, groups of samples inside: the time-major operands are read in order */
+    for (int64_t t = T - 1; t >= 0; --t) {
+        const int last = t == T - 1;
+        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
+            const int lanes = (int)(B - b0 < LANES ? B - b0 : LANES);
+            VEC *V = buf + (b0 / LANES) * state, *v = V + n * n;
+            VEC *dv = v + n;
+            /* one block pointer per lane (padding lanes repeat the last sample); each vector is
+             * built from its LANES numbers in registers and stored once */
+            const REAL *Cl[LANES], *cl[LANES], *Fl[LANES];
+            for (int s = 0; s < LANES; ++s) {
                 const int64_t b = b0 + (s < lanes ? s : lanes - 1);
-                const REAL *Ct = C + b * sC[0] + t * sC[1], *ct = c + b * sc[0] + t * sc[1];
-                for (int64_t i = 0; i < p; ++i) {
+                Cl[s] = C + b * sC[0] + t * sC[1];
+                cl[s] = c + b * sc[0] + t * sc[1];
+                Fl[s] = last ? NULL : Fh + b * sF[0] + t * sF[1] + sF[2];
+            }
+            for (int64_t i = 0; i < p; ++i) {
+                for (int64_t j = 0; j < p; ++j)
+                    Q[i * p + j] = GATHER(Cl, i * sC[2] + j * sC[3]);
+                q[i] = GATHER(cl, i * sc[2]);
+            }
+            if (!last) {
+                for (int64_t i = 0; i < n; ++i) {
+                    g[i] = GATHER(Fl, i * sF[2]);
                     for (int64_t j = 0; j < p; ++j)
-                        Q[i * p + j][s] = Ct[i * sC[2] + j * sC[3]];
-                    q[i][s] = ct[i * sc[2]];
-                }
-                if (!last) {
-                    const REAL *Ft = Fh + b * sF[0] + t * sF[1];
-                    for (int64_t i = 0; i < n; ++i) {
-                        const REAL *row = Ft + (i + 1) * sF[2];
-                        g[i][s] = row[0];
-                        for (int64_t j = 0; j < p; ++j)
-                            Fv[i * p + j][s] = row[(j + 1) * sF[3]];
-                    }
+                        Fv[i * p + j] = GATHER(Fl, i * sF[2] + (j + 1) * sF[3]);
                 }
             }
             if (!last) {
@@ -153,8 +163,8 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
                     VEC Hk = zero;
                     for (int64_t j = 0; j < m; ++j)
                         Hk += Q[(n + a) * p + n + j] * Y[j * nh];
-                    dv0 += ka * q[n + a];
-                    dv1 += (REAL)0.5 * ka * Hk;
+                    dv[0] += ka * q[n + a];
+                    dv[1] += (REAL)0.5 * ka * Hk;
                 }
             }
             /* V = Q_xx + Q_xu K (upper triangle, mirrored), v = q_x + Q_xu k */
@@ -186,11 +196,159 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
                 info[tb] = bad[s];
             }
         }
-        if (dV != NULL)
-            for (int s = 0; s < lanes; ++s) {
-                dV[(b0 + s) * 2] = dv0[s];
-                dV[(b0 + s) * 2 + 1] = dv1[s];
+    }
+    if (dV != NULL)
+        for (int64_t b = 0; b < B; ++b) {
+            const VEC *dv = buf + (b / LANES) * state + n * n + n;
+            dV[b * 2] = dv[0][b % LANES];
+            dV[b * 2 + 1] = dv[1][b % LANES];
+        }
+    free(buf);
+    return 0;
+}
+
+/* Closed-loop rollout of the linear dynamics (lqr.rollout_affine):
+ *
+ *   u_t = K_t x_t + k_t,   x_{t+1} = F_t [x_t; u_t] + (d_t if offsets)
+ *
+ * K: m x n blocks, sK = {batch, time, row, column}; k: sk = {batch, time, entry}; Fh as in
+ * diffmpc_riccati (NULL if T == 1); x0: sx0 = {batch, entry}. Outputs, contiguous: x [B, T, n],
+ * u [B, T, m]. The loop runs over time outside and samples inside: the operands are stored
+ * time-major, so each step reads one block of memory. Returns 0.
+ */
+int NAME(diffmpc_rollout)(int64_t B, int64_t T, int64_t n, int64_t m,
+                          const REAL *K, const int64_t *sK, const REAL *k, const int64_t *sk,
+                          const REAL *Fh, const int64_t *sF, const REAL *x0,
+                          const int64_t *sx0, int offsets, REAL *x, REAL *u)
+{
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < n; ++i)
+            x[b * T * n + i] = x0[b * sx0[0] + i * sx0[1]];
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t b = 0; b < B; ++b) {
+            const REAL *xt = x + (b * T + t) * n;
+            REAL *ut = u + (b * T + t) * m;
+            const REAL *Kt = K + b * sK[0] + t * sK[1], *kt = k + b * sk[0] + t * sk[1];
+            for (int64_t a = 0; a < m; ++a) {
+                const REAL *row = Kt + a * sK[2];
+                REAL s = kt[a * sk[2]];
+                for (int64_t j = 0; j < n; ++j)
+                    s += row[j * sK[3]] * xt[j];
+                ut[a] = s;
             }
+            if (t == T - 1)
+                continue;
+            const REAL *Ft = Fh + b * sF[0] + t * sF[1];
+            REAL *xn = x + (b * T + t + 1) * n;
+            for (int64_t i = 0; i < n; ++i) {
+                const REAL *row = Ft + (i + 1) * sF[2];
+                REAL s = offsets ? row[0] : 0;
+                for (int64_t j = 0; j < n; ++j)
+                    s += row[(j + 1) * sF[3]] * xt[j];
+                for (int64_t a = 0; a < m; ++a)
+                    s += row[(n + 1 + a) * sF[3]] * ut[a];
+                xn[i] = s;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Costate recursion (lqr.costate): lam_{T-1} = gx_{T-1}, lam_t = gx_t + Fx_t' lam_{t+1}.
+ *
+ * gx: sg = {batch, time, entry}; Fx: n x n blocks, sF = {batch, time, row, column} (NULL if
+ * T == 1). Output lam [B, T, n], contiguous. Time outside, samples inside. Returns 0.
+ */
+int NAME(diffmpc_costate)(int64_t B, int64_t T, int64_t n, const REAL *gx, const int64_t *sg,
+                          const REAL *Fx, const int64_t *sF, REAL *lam)
+{
+    for (int64_t t = T - 1; t >= 0; --t) {
+        for (int64_t b = 0; b < B; ++b) {
+            const REAL *gt = gx + b * sg[0] + t * sg[1];
+            REAL *lt = lam + (b * T + t) * n;
+            for (int64_t i = 0; i < n; ++i)
+                lt[i] = gt[i * sg[2]];
+            if (t == T - 1)
+                continue;
+            const REAL *Ft = Fx + b * sF[0] + t * sF[1], *next = lt + n;
+            for (int64_t j = 0; j < n; ++j) {
+                const REAL *row = Ft + j * sF[2];
+                const REAL lj = next[j];
+                for (int64_t i = 0; i < n; ++i)
+                    lt[i] += row[i * sF[3]] * lj;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Feedforward terms for a new linear term c (lqr.feedforward), reusing a fixed-set or
+ * unconstrained pass's K, L and dynamics:
+ *
+ *   q_t = c_t + F_t' v_{t+1},  q_u held at zero off the free set,  v_t = q_x + K_t' q_u,
+ *   k_t = -(L_t L_t')^-1 q_u
+ *
+ * c: sc = {batch, time, entry}; Fh, K, fr as in diffmpc_riccati / diffmpc_rollout (fr NULL: all
+ * free); L: m x m blocks, sL = {batch, time, row, column}. Output k [B, T, m], contiguous.
+ * Time outside, samples inside. Returns 0, or -1 if out of memory.
+ */
+int NAME(diffmpc_feedforward)(int64_t B, int64_t T, int64_t n, int64_t m, const REAL *c,
+                              const int64_t *sc, const REAL *Fh, const int64_t *sF,
+                              const REAL *K, const int64_t *sK, const uint8_t *fr,
+                              const int64_t *sfr, const REAL *L, const int64_t *sL, REAL *k)
+{
+    const int64_t p = n + m;
+    REAL *buf = (REAL *)malloc((size_t)(B * n + p + m) * sizeof(REAL));
+    if (buf == NULL)
+        return -1;
+    REAL *vall = buf, *q = vall + B * n, *y = q + p;
+    for (int64_t t = T - 1; t >= 0; --t) {
+        for (int64_t b = 0; b < B; ++b) {
+            REAL *v = vall + b * n;
+            const REAL *ct = c + b * sc[0] + t * sc[1];
+            for (int64_t i = 0; i < p; ++i)
+                q[i] = ct[i * sc[2]];
+            if (t < T - 1) {
+                const REAL *Ft = Fh + b * sF[0] + t * sF[1];
+                for (int64_t r = 0; r < n; ++r) {
+                    const REAL *row = Ft + (r + 1) * sF[2];
+                    const REAL vr = v[r];
+                    for (int64_t i = 0; i < p; ++i)
+                        q[i] += row[(i + 1) * sF[3]] * vr;
+                }
+            }
+            if (fr != NULL) {
+                const uint8_t *ft = fr + b * sfr[0] + t * sfr[1];
+                for (int64_t a = 0; a < m; ++a)
+                    if (!ft[a * sfr[2]])
+                        q[n + a] = 0;
+            }
+            const REAL *Kt = K + b * sK[0] + t * sK[1];
+            for (int64_t i = 0; i < n; ++i)
+                v[i] = q[i];
+            for (int64_t a = 0; a < m; ++a) {
+                const REAL *row = Kt + a * sK[2];
+                const REAL qa = q[n + a];
+                for (int64_t i = 0; i < n; ++i)
+                    v[i] += row[i * sK[3]] * qa;
+            }
+            /* k = -L^-T L^-1 q_u */
+            const REAL *Lt = L + b * sL[0] + t * sL[1];
+            for (int64_t i = 0; i < m; ++i) {
+                REAL s = q[n + i];
+                for (int64_t j = 0; j < i; ++j)
+                    s -= Lt[i * sL[2] + j * sL[3]] * y[j];
+                y[i] = s / Lt[i * sL[2] + i * sL[3]];
+            }
+            REAL *kt = k + (b * T + t) * m;
+            for (int64_t i = m - 1; i >= 0; --i) {
+                REAL s = y[i];
+                for (int64_t j = i + 1; j < m; ++j)
+                    s -= Lt[j * sL[2] + i * sL[3]] * y[j];
+                y[i] = s / Lt[i * sL[2] + i * sL[3]];
+                kt[i] = -y[i];
+            }
+        }
     }
     free(buf);
     return 0;
