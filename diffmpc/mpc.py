@@ -31,7 +31,8 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from diffmpc.checks import as_bound, check_finite, check_tensor, positive_definite
+from diffmpc import native
+from diffmpc.checks import _fail, as_bound, check_finite, check_tensor, positive_definite
 from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
 from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues, matvec, matvec_pair
@@ -550,19 +551,25 @@ def _check_cost(cost, B, T, n, m, ref) -> None:
         C = check_tensor("cost.C", cost.C, (B, T), (p, p), ref, finite=False).detach()
         if cost.c is not None:
             check_tensor("cost.c", cost.c, (B, T), (p,), ref)
+        blocks = _blocks(C, p)
+        if blocks is not None and native.handles(blocks):  # all four checks in one pass
+            bad, scale, asym, indefinite = native.check_cost(blocks, n)
+            if bad:
+                _fail("cost.C", "finite values", f"{bad} NaN or inf entries")
+            _check_symmetric(asym, scale)
+            if indefinite:
+                _not_pd(indefinite)
+            return
         lo, hi = torch.aminmax(C)
         check_finite("cost.C", C, torch.stack([lo, hi]))
         asym, scale = 0.0, max(-float(lo), float(hi))
         for part in C.reshape(-1, p, p).split(8192):  # temporaries below glibc's mmap threshold
             dlo, dhi = torch.aminmax(part - part.mT)
             asym = max(asym, -float(dlo), float(dhi))
-        if asym > 1e-6 * (1 + scale):
-            raise ValueError(f"cost.C: expected symmetric matrices, got max |C - C^T| = "
-                             f"{asym:.3g}")
+        _check_symmetric(asym, scale)
         bad = ~positive_definite(C[..., n:, n:])
         if bool(bad.any()):
-            raise ValueError("cost.C: expected a positive definite control block C[..., n:, n:], "
-                             f"got {int(bad.sum())} blocks that are not")
+            _not_pd(int(bad.sum()))
     elif not callable(cost):
         raise ValueError(f"cost: expected a QuadCost or a callable cost(x, u), "
                          f"got {type(cost).__name__}")
@@ -573,6 +580,25 @@ def _check_cost(cost, B, T, n, m, ref) -> None:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"cost: expected cost(x [..., {n}], u [..., {m}]) to return shape "
                              f"[...] (here [1, 1]), got {shape}")
+
+
+def _blocks(C: Tensor, p: int) -> Tensor | None:
+    """C's ``[p, p]`` blocks as one ``[N, p, p]`` view, or None if its strides do not allow
+    one."""
+    try:
+        return C.view(-1, p, p)
+    except RuntimeError:
+        return None
+
+
+def _check_symmetric(asym: float, scale: float) -> None:
+    if asym > 1e-6 * (1 + scale):
+        raise ValueError(f"cost.C: expected symmetric matrices, got max |C - C^T| = {asym:.3g}")
+
+
+def _not_pd(count: int) -> None:
+    raise ValueError("cost.C: expected a positive definite control block C[..., n:, n:], "
+                     f"got {count} blocks that are not")
 
 
 def _check_dynamics(dyn, B, T, n, m, ref) -> None:

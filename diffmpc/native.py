@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "enabled", "riccati", "rollout", "costate", "feedforward"]
+__all__ = ["available", "status", "enabled", "riccati", "rollout", "costate", "feedforward",
+           "check_cost"]
 
 _SOURCES = ("lq.c", "lq_body.h")
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None  # why the library is not available; None before the first attempt
@@ -92,7 +93,8 @@ def _build() -> ctypes.CDLL:
     signatures = {"riccati": [i64] * 4 + [ptr] * 12,
                   "rollout": [i64] * 4 + [ptr] * 8 + [ctypes.c_int, ptr, ptr],
                   "costate": [i64] * 3 + [ptr] * 5,
-                  "feedforward": [i64] * 4 + [ptr] * 11}
+                  "feedforward": [i64] * 4 + [ptr] * 11,
+                  "check_cost": [i64] * 3 + [ptr] * 3}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -242,3 +244,15 @@ def feedforward(c: Tensor, Fh: Tensor | None, K: Tensor, free: Tensor | None, L:
     if rc != 0:
         raise MemoryError("diffmpc.native.feedforward: out of memory")
     return k
+
+
+def check_cost(C: Tensor, n: int) -> tuple[int, float, float, int]:
+    """The checks of ``mpc._check_cost`` in one pass over ``C [N, p, p]`` (a view): the number of
+    NaN or infinite entries, the largest finite ``|C_ij|``, the largest ``|C_ij - C_ji|`` and the
+    number of blocks whose control block ``C[n:, n:]`` is not positive definite."""
+    N, p = C.shape[0], C.shape[-1]
+    out = (ctypes.c_double * 4)()
+    rc = _kernel("check_cost", C.dtype)(N, p, n, *_view(C), out)
+    if rc != 0:
+        raise MemoryError("diffmpc.native.check_cost: out of memory")
+    return int(out[0]), float(out[1]), float(out[2]), int(out[3])

@@ -240,3 +240,48 @@ def test_rollout_costate_and_feedforward_equal_pytorch(make_problem, B, T, n, m,
         lam = _spied("costate", lqr.costate, gx, Fx)
         with native.enabled(False):
             torch.testing.assert_close(lam, lqr.costate(gx, Fx), **tol)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cost_checks_raise_the_same_errors(make_problem, dtype):
+    """``_check_cost`` in one compiled pass and in PyTorch operations: the same ValueError (NaN
+    and inf counts, asymmetry, the number of indefinite control blocks) or none."""
+    from diffmpc import mpc as mpc_mod
+    from diffmpc.cost import QuadCost
+
+    prob = make_problem(3, 4, 3, 2, seed=0)
+    good = prob.C.to(dtype)
+    cases = {"good": good.clone(), "shared": good[0, 0].expand(3, 4, 5, 5)}
+    C = good.clone()
+    C[0, 1, 2, 3] = float("nan")
+    C[2, 3, 4, 4] = float("inf")
+    C[1, 0, 0, 1] = float("-inf")
+    cases["nonfinite"] = C
+    C = good.clone()
+    C[1, 2, 0, 4] += 1e-3
+    cases["asymmetric"] = C
+    C = good.clone()
+    C[0, 0, 3:, 3:] = torch.tensor([[1.0, 3.0], [3.0, 1.0]])
+    C[2, 1, 4, 4] = -2.0
+    C[2, 2, 3, 3] = 0.0
+    cases["indefinite"] = C
+    cases["tiny asymmetry"] = good + 1e-9 * torch.randn_like(good).tril(-1)
+    messages = {}
+    for name, C in cases.items():
+        got = []
+        for on in (True, False):
+            with native.enabled(on):
+                try:
+                    mpc_mod._check_cost(QuadCost(C, prob.c.to(dtype)), 3, 4, 3, 2,
+                                        prob.x_init.to(dtype))
+                    got.append(None)
+                except ValueError as err:
+                    got.append(str(err))
+        assert got[0] == got[1], (name, got)
+        messages[name] = got[0]
+    assert messages["good"] is None and messages["shared"] is None
+    assert messages["nonfinite"] == "cost.C: expected finite values, got 3 NaN or inf entries"
+    assert messages["asymmetric"].startswith("cost.C: expected symmetric matrices")
+    assert messages["indefinite"].endswith("got 3 blocks that are not")
+    assert messages["tiny asymmetry"] is None  # within the tolerance 1e-6 (1 + max |C|)

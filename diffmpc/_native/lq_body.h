@@ -9,6 +9,56 @@
 
 typedef REAL VEC __attribute__((vector_size(LANES * sizeof(REAL))));
 
+/* C (+)= A B for M x K by K x N blocks of vectors, with a(i, k) = A[i * ars + k * acs],
+ * b(k, j) = B[k * ldb + j], c(i, j) = C[i * ldc + j]; upper: only blocks that reach j >= i
+ * (entries below the diagonal inside such blocks are written too). Two rows by four columns at a
+ * time, accumulated in registers. */
+static void NAME(gemm)(int64_t M, int64_t N, int64_t K, const VEC *A, int64_t ars, int64_t acs,
+                       const VEC *Bm, int64_t ldb, VEC *Cm, int64_t ldc, int accumulate,
+                       int upper)
+{
+    for (int64_t i = 0; i < M; i += 2) {
+        const int64_t rows = M - i < 2 ? M - i : 2;
+        for (int64_t j = upper ? (i / 4) * 4 : 0; j < N; j += 4) {
+            const int64_t cols = N - j < 4 ? N - j : 4;
+            VEC acc[2][4];
+            for (int r = 0; r < 2; ++r)
+                for (int c = 0; c < 4; ++c)
+                    acc[r][c] = (VEC){0};
+            const VEC *a0 = A + i * ars, *a1 = A + (i + rows - 1) * ars;
+            if (cols == 4) {
+                for (int64_t k = 0; k < K; ++k) {
+                    const VEC x0 = a0[k * acs], x1 = a1[k * acs];
+                    const VEC *bk = Bm + k * ldb + j;
+                    const VEC y0 = bk[0], y1 = bk[1], y2 = bk[2], y3 = bk[3];
+                    acc[0][0] += x0 * y0;
+                    acc[0][1] += x0 * y1;
+                    acc[0][2] += x0 * y2;
+                    acc[0][3] += x0 * y3;
+                    acc[1][0] += x1 * y0;
+                    acc[1][1] += x1 * y1;
+                    acc[1][2] += x1 * y2;
+                    acc[1][3] += x1 * y3;
+                }
+            } else {
+                for (int64_t k = 0; k < K; ++k) {
+                    const VEC x0 = a0[k * acs], x1 = a1[k * acs];
+                    const VEC *bk = Bm + k * ldb + j;
+                    for (int64_t c = 0; c < cols; ++c) {
+                        acc[0][c] += x0 * bk[c];
+                        acc[1][c] += x1 * bk[c];
+                    }
+                }
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+                VEC *cr = Cm + (i + r) * ldc + j;
+                for (int64_t c = 0; c < cols; ++c)
+                    cr[c] = accumulate ? cr[c] + acc[r][c] : acc[r][c];
+            }
+        }
+    }
+}
+
 /* Riccati recursion for B problems with T steps, n states and m controls (p = n + m):
  *
  *   Q_t = C_t + F_t' V_{t+1} F_t,  q_t = c_t + F_t' (V_{t+1} d_t + v_{t+1})   (t < T-1)
@@ -31,13 +81,14 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
     const int64_t p = n + m, nh = n + 1, groups = (B + LANES - 1) / LANES;
     /* per group of LANES samples, kept across steps: V, v and the two sums of dV */
     const int64_t state = n * n + n + 2;
-    const int64_t count = groups * state + n * p + n + p * p + p + n * p + m * m + m * nh + n
+    const int64_t ph = p + 1;  /* Q and the products carry the linear terms as column p */
+    const int64_t count = groups * state + n * ph + n + p * ph + p + n * ph + m * m + m * nh + n
                           + m + m;
     VEC *buf = (VEC *)aligned_alloc(64, (size_t)((count * (int64_t)sizeof(VEC) + 63) / 64 * 64));
     if (buf == NULL)
         return -1;
-    VEC *W = buf + groups * state, *g = W + n * p, *Q = g + n, *q = Q + p * p;
-    VEC *Fv = q + p, *Lv = Fv + n * p, *Y = Lv + m * m, *gd = Y + m * nh, *inv = gd + n;
+    VEC *W = buf + groups * state, *g = W + n * ph, *Q = g + n, *q = Q + p * ph;
+    VEC *Fv = q + p, *Lv = Fv + n * ph, *Y = Lv + m * m, *gd = Y + m * nh, *inv = gd + n;
     VEC *y = inv + m;
     const VEC zero = {0};
     for (int64_t i = 0; i < groups * state; ++i)
@@ -60,47 +111,28 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
             }
             for (int64_t i = 0; i < p; ++i) {
                 for (int64_t j = 0; j < p; ++j)
-                    Q[i * p + j] = GATHER(Cl, i * sC[2] + j * sC[3]);
-                q[i] = GATHER(cl, i * sc[2]);
+                    Q[i * ph + j] = GATHER(Cl, i * sC[2] + j * sC[3]);
+                Q[i * ph + p] = GATHER(cl, i * sc[2]);
             }
             if (!last) {
                 for (int64_t i = 0; i < n; ++i) {
-                    g[i] = GATHER(Fl, i * sF[2]);
                     for (int64_t j = 0; j < p; ++j)
-                        Fv[i * p + j] = GATHER(Fl, i * sF[2] + (j + 1) * sF[3]);
+                        Fv[i * ph + j] = GATHER(Fl, i * sF[2] + (j + 1) * sF[3]);
+                    Fv[i * ph + p] = GATHER(Fl, i * sF[2]);
                 }
             }
             if (!last) {
-                /* W = V F, gd = V d + v; then Q += F' W (upper triangle), q += F' gd */
-                for (int64_t i = 0; i < n; ++i) {
-                    VEC gi = v[i];
-                    VEC *Wi = W + i * p;
-                    for (int64_t j = 0; j < p; ++j)
-                        Wi[j] = zero;
-                    for (int64_t k = 0; k < n; ++k) {
-                        const VEC vik = V[i * n + k];
-                        const VEC *Fk = Fv + k * p;
-                        for (int64_t j = 0; j < p; ++j)
-                            Wi[j] += vik * Fk[j];
-                        gi += vik * g[k];
-                    }
-                    gd[i] = gi;
-                }
-                for (int64_t i = 0; i < p; ++i) {
-                    VEC qi = q[i];
-                    VEC *Qi = Q + i * p;
-                    for (int64_t k = 0; k < n; ++k) {
-                        const VEC fki = Fv[k * p + i];
-                        const VEC *Wk = W + k * p;
-                        for (int64_t j = i; j < p; ++j)
-                            Qi[j] += fki * Wk[j];
-                        qi += fki * gd[k];
-                    }
-                    q[i] = qi;
+                /* [W | w] = V [F | d] + [0 | v], then [Q | q] += F' [W | w] (upper triangle) */
+                NAME(gemm)(n, ph, n, V, n, 1, Fv, ph, W, ph, 0, 0);
+                for (int64_t i = 0; i < n; ++i)
+                    W[i * ph + p] += v[i];
+                NAME(gemm)(p, ph, n, Fv, 1, ph, W, ph, Q, ph, 1, 1);
+                for (int64_t i = 0; i < p; ++i)
                     for (int64_t j = i + 1; j < p; ++j)
-                        Q[j * p + i] = Qi[j];
-                }
+                        Q[j * ph + i] = Q[i * ph + j];
             }
+            for (int64_t i = 0; i < p; ++i)
+                q[i] = Q[i * ph + p];
             if (fr != NULL) {  /* held controls: identity rows of Q_uu, zero rows of [q_u | Q_ux] */
                 for (int s = 0; s < LANES; ++s) {
                     const int64_t b = b0 + (s < lanes ? s : lanes - 1);
@@ -108,11 +140,11 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
                     for (int64_t a = 0; a < m; ++a) {
                         if (ft[a * sfr[2]])
                             continue;
-                        const int64_t ra = (n + a) * p;
+                        const int64_t ra = (n + a) * ph;
                         for (int64_t j = 0; j < p; ++j)
                             Q[ra + j][s] = 0;
                         for (int64_t j = n; j < p; ++j)
-                            Q[j * p + n + a][s] = 0;
+                            Q[j * ph + n + a][s] = 0;
                         Q[ra + n + a][s] = 1;
                         q[n + a][s] = 0;
                     }
@@ -122,7 +154,7 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
             int32_t bad[LANES] = {0};
             for (int64_t i = 0; i < m; ++i) {
                 for (int64_t j = 0; j <= i; ++j) {
-                    VEC sum = Q[(n + i) * p + n + j];
+                    VEC sum = Q[(n + i) * ph + n + j];
                     for (int64_t k = 0; k < j; ++k)
                         sum -= Lv[i * m + k] * Lv[j * m + k];
                     if (i == j) {
@@ -143,7 +175,7 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
             /* [k | K] = -Q_uu^-1 [q_u | Q_ux], column by column */
             for (int64_t r = 0; r < nh; ++r) {
                 for (int64_t i = 0; i < m; ++i) {
-                    VEC sum = r == 0 ? -q[n + i] : -Q[(n + i) * p + r - 1];
+                    VEC sum = r == 0 ? -q[n + i] : -Q[(n + i) * ph + r - 1];
                     for (int64_t k = 0; k < i; ++k)
                         sum -= Lv[i * m + k] * y[k];
                     y[i] = sum * inv[i];
@@ -162,7 +194,7 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
                     const VEC ka = Y[a * nh];
                     VEC Hk = zero;
                     for (int64_t j = 0; j < m; ++j)
-                        Hk += Q[(n + a) * p + n + j] * Y[j * nh];
+                        Hk += Q[(n + a) * ph + n + j] * Y[j * nh];
                     dv[0] += ka * q[n + a];
                     dv[1] += (REAL)0.5 * ka * Hk;
                 }
@@ -171,7 +203,7 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
             for (int64_t i = 0; i < n; ++i) {
                 VEC vi = q[i];
                 VEC *Vi = V + i * n;
-                const VEC *Qi = Q + i * p;
+                const VEC *Qi = Q + i * ph;
                 for (int64_t j = i; j < n; ++j)
                     Vi[j] = Qi[j];
                 for (int64_t a = 0; a < m; ++a) {
@@ -351,5 +383,62 @@ int NAME(diffmpc_feedforward)(int64_t B, int64_t T, int64_t n, int64_t m, const 
         }
     }
     free(buf);
+    return 0;
+}
+
+/* The checks of a quadratic cost's C (mpc._check_cost) in one pass over N blocks p x p, strides
+ * sC = {block, row, column}: out[0] the number of NaN or infinite entries, out[1] the largest
+ * |C_ij| of the finite ones, out[2] the largest |C_ij - C_ji|, out[3] the number of blocks whose
+ * control block C[n:, n:] is not positive definite (a non-positive or NaN pivot of its Cholesky
+ * factorization). Returns 0, or -1 if out of memory.
+ */
+int NAME(diffmpc_check_cost)(int64_t N, int64_t p, int64_t n, const REAL *C, const int64_t *sC,
+                             double *out)
+{
+    const int64_t m = p - n;
+    REAL *Lw = (REAL *)malloc((size_t)(m * m + 1) * sizeof(REAL));
+    if (Lw == NULL)
+        return -1;
+    double bad = 0, big = 0, asym = 0, indefinite = 0;
+    for (int64_t k = 0; k < N; ++k) {
+        const REAL *A = C + k * sC[0];
+        for (int64_t i = 0; i < p; ++i) {
+            const REAL *row = A + i * sC[1], *col = A + i * sC[2];
+            for (int64_t j = i; j < p; ++j) {  /* the pair (i, j), (j, i) */
+                const REAL a = row[j * sC[2]], b = col[j * sC[1]];
+                if (!(isfinite(a) && isfinite(b))) {
+                    bad += !isfinite(a) + (j != i && !isfinite(b));
+                    continue;
+                }
+                const double ma = fabs((double)a) > fabs((double)b) ? fabs((double)a)
+                                                                    : fabs((double)b);
+                const double d = fabs((double)(a - b));
+                big = ma > big ? ma : big;
+                asym = d > asym ? d : asym;
+            }
+        }
+        int ok = 1;
+        for (int64_t i = 0; i < m && ok; ++i)
+            for (int64_t j = 0; j <= i; ++j) {
+                REAL s = A[(n + i) * sC[1] + (n + j) * sC[2]];
+                for (int64_t l = 0; l < j; ++l)
+                    s -= Lw[i * m + l] * Lw[j * m + l];
+                if (i == j) {
+                    if (!(s > 0)) {
+                        ok = 0;
+                        break;
+                    }
+                    Lw[i * m + i] = (REAL)sqrt((double)s);
+                } else {
+                    Lw[i * m + j] = s / Lw[j * m + j];
+                }
+            }
+        indefinite += !ok;
+    }
+    free(Lw);
+    out[0] = bad;
+    out[1] = big;
+    out[2] = asym;
+    out[3] = indefinite;
     return 0;
 }
