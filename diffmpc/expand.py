@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from diffmpc import native
 from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
 
@@ -26,6 +27,8 @@ class _MatVec(torch.autograd.Function):
 
     @staticmethod
     def forward(A, x, sym, trans, need_x):
+        if native.blocks(A, x):
+            return native.matvec(A, x, trans)
         return ((A.mT if trans else A) @ x.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
@@ -38,7 +41,10 @@ class _MatVec(torch.autograd.Function):
     def backward(ctx, g):
         A, x = ctx.saved_tensors
         gA = gx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and native.blocks(A, g, x):  # one pass
+            gA = (native.outer(g, x, x, g, 0.5) if ctx.sym else
+                  native.outer(x, g) if ctx.trans else native.outer(g, x))
+        elif ctx.needs_input_grad[0]:
             if ctx.sym:  # (g x' + x g') / 2, in two passes
                 h = 0.5 * g
                 gA = (h.unsqueeze(-1) * x.unsqueeze(-2)).addcmul_(x.unsqueeze(-1), h.unsqueeze(-2))
@@ -73,6 +79,8 @@ class _MatVecPair(torch.autograd.Function):
 
     @staticmethod
     def forward(A, x, y, need_x):
+        if native.blocks(A, x, y):
+            return native.matvec_pair(A, x, y)
         return (A @ x.unsqueeze(-1)).squeeze(-1), (A.mT @ y.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
@@ -85,12 +93,17 @@ class _MatVecPair(torch.autograd.Function):
     def backward(ctx, gAx, gAty):
         A, x, y = ctx.saved_tensors
         gA = gx = gy = None
-        if ctx.needs_input_grad[0]:  # gAx x' + y gAty', one fresh block of A's size
-            if gAx is not None:
-                gA = gAx.unsqueeze(-1) * x.unsqueeze(-2)
-            if gAty is not None:
-                gA = (y.unsqueeze(-1) * gAty.unsqueeze(-2) if gA is None
-                      else gA.addcmul_(y.unsqueeze(-1), gAty.unsqueeze(-2)))
+        if ctx.needs_input_grad[0] and (gAx is not None or gAty is not None):
+            # gAx x' + y gAty', one fresh block of A's size (compiled: in one pass)
+            if native.blocks(A, gAx, x, y, gAty):
+                gA = (native.outer(gAx, x, y, gAty) if gAx is not None and gAty is not None
+                      else native.outer(gAx, x) if gAx is not None else native.outer(y, gAty))
+            else:
+                if gAx is not None:
+                    gA = gAx.unsqueeze(-1) * x.unsqueeze(-2)
+                if gAty is not None:
+                    gA = (y.unsqueeze(-1) * gAty.unsqueeze(-2) if gA is None
+                          else gA.addcmul_(y.unsqueeze(-1), gAty.unsqueeze(-2)))
         if ctx.needs_input_grad[1] and gAx is not None and (ctx.need_x is None or ctx.need_x()):
             gx = matvec(A, gAx, trans=True)
         if ctx.needs_input_grad[2] and gAty is not None:
@@ -342,6 +355,8 @@ class TrajCost:
                     z = torch.add(c, tau @ C, alpha=0.5)
                 return (z * tau if z.requires_grad else z.mul_(tau)).sum(-1)
             if tau.dim() == 3:
+                if native.blocks(self.C, self.c, tau):  # one pass, where no grad is recorded
+                    return native.quad_value(self.C, self.c, tau)
                 return (0.5 * matvec(self.C, tau, sym=True) + self.c).mul(tau).sum(-1)
             extra = tau.shape[:-3]  # leading dims beyond [B, T] (e.g. line-search steps)
             t = tau.reshape(-1, *tau.shape[-3:]).permute(1, 2, 0, 3)  # [B, T, k, p]

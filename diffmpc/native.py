@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "status", "enabled", "riccati", "rollout", "costate", "feedforward",
-           "check_cost"]
+           "check_cost", "matvec", "matvec_pair", "outer", "quad_value"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
@@ -94,7 +94,11 @@ def _build() -> ctypes.CDLL:
                   "rollout": [i64] * 4 + [ptr] * 8 + [ctypes.c_int, ptr, ptr],
                   "costate": [i64] * 3 + [ptr] * 5,
                   "feedforward": [i64] * 4 + [ptr] * 11,
-                  "check_cost": [i64] * 3 + [ptr] * 3}
+                  "check_cost": [i64] * 3 + [ptr] * 3,
+                  "matvec": [i64] * 4 + [ptr] * 4 + [ctypes.c_int, ptr],
+                  "matvec_pair": [i64] * 4 + [ptr] * 8,
+                  "outer": [i64] * 4 + [ptr] * 8 + [ctypes.c_double, ptr],
+                  "quad_value": [i64] * 3 + [ptr] * 7}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -256,3 +260,49 @@ def check_cost(C: Tensor, n: int) -> tuple[int, float, float, int]:
     if rc != 0:
         raise MemoryError("diffmpc.native.check_cost: out of memory")
     return int(out[0]), float(out[1]), float(out[2]), int(out[3])
+
+
+def blocks(A: Tensor, *vectors: Tensor | None) -> bool:
+    """Whether the batched-product kernels take ``A [B, T, r, c]`` and the vectors
+    ``[B, T, k]`` (same B and T; None is skipped): the shapes, and ``handles``."""
+    if A.dim() != 4:
+        return False
+    vs = [v for v in vectors if v is not None]
+    return all(v.dim() == 3 and v.shape[:2] == A.shape[:2] for v in vs) and handles(A, *vs)
+
+
+def matvec(A: Tensor, x: Tensor, trans: bool = False) -> Tensor:
+    """``A x`` (``[B, T, r]``) or ``A' x`` (``[B, T, c]``) for ``A [B, T, r, c]``."""
+    B, T, r, c = A.shape
+    y = A.new_empty(B, T, c if trans else r)
+    _kernel("matvec", A.dtype)(B, T, r, c, *_view(A), *_view(x), int(trans), y.data_ptr())
+    return y
+
+
+def matvec_pair(A: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A x, A' y)`` in one pass over ``A [B, T, r, c]``."""
+    B, T, r, c = A.shape
+    ax, aty = A.new_empty(B, T, r), A.new_empty(B, T, c)
+    _kernel("matvec_pair", A.dtype)(B, T, r, c, *_view(A), *_view(x), *_view(y),
+                                    ax.data_ptr(), aty.data_ptr())
+    return ax, aty
+
+
+def outer(g: Tensor, x: Tensor, y: Tensor | None = None, z: Tensor | None = None,
+          alpha: float = 1.0) -> Tensor:
+    """``alpha (g x' + y z')`` (or ``alpha g x'``), ``[B, T, r, c]`` for g, y ``[B, T, r]`` and
+    x, z ``[B, T, c]``: a gradient block formed in one pass."""
+    B, T, r = g.shape
+    c = x.shape[-1]
+    G = g.new_empty(B, T, r, c)
+    _kernel("outer", g.dtype)(B, T, r, c, *_view(g), *_view(x), *_view(y), *_view(z),
+                              float(alpha), G.data_ptr())
+    return G
+
+
+def quad_value(C: Tensor, c: Tensor, tau: Tensor) -> Tensor:
+    """``1/2 tau' C tau + c' tau`` ``[B, T]`` for C ``[B, T, p, p]``, c and tau ``[B, T, p]``."""
+    B, T, p = tau.shape
+    v = tau.new_empty(B, T)
+    _kernel("quad_value", C.dtype)(B, T, p, *_view(C), *_view(c), *_view(tau), v.data_ptr())
+    return v

@@ -285,3 +285,63 @@ def test_cost_checks_raise_the_same_errors(make_problem, dtype):
     assert messages["asymmetric"].startswith("cost.C: expected symmetric matrices")
     assert messages["indefinite"].endswith("got 3 blocks that are not")
     assert messages["tiny asymmetry"] is None  # within the tolerance 1e-6 (1 + max |C|)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_products_equal_pytorch(dtype):
+    """matvec, matvec_pair, the gradient outer products and the quadratic stage costs, compiled,
+    against the same formulas in PyTorch operations, on broadcast and non-contiguous operands."""
+    g = torch.Generator().manual_seed(3)
+    B, T, r, c = 5, 3, 4, 6
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5,
+                                                                          "atol": 1e-6}
+    A = torch.randn(T, B, c, r, generator=g, dtype=dtype).permute(1, 0, 3, 2)  # strided
+    As = torch.randn(r, c, generator=g, dtype=dtype).expand(B, T, r, c)  # stride 0
+    x = torch.randn(B, T, c + 1, generator=g, dtype=dtype)[..., 1:]  # offset view
+    y = torch.randn(B, T, r, generator=g, dtype=dtype)
+    for M in (A, As):
+        with torch.no_grad():
+            torch.testing.assert_close(native.matvec(M, x), (M @ x.unsqueeze(-1)).squeeze(-1),
+                                       **tol)
+            torch.testing.assert_close(native.matvec(M, y, trans=True),
+                                       (M.mT @ y.unsqueeze(-1)).squeeze(-1), **tol)
+            ax, aty = native.matvec_pair(M, x, y)
+            torch.testing.assert_close(ax, (M @ x.unsqueeze(-1)).squeeze(-1), **tol)
+            torch.testing.assert_close(aty, (M.mT @ y.unsqueeze(-1)).squeeze(-1), **tol)
+    z = torch.randn(B, T, c, generator=g, dtype=dtype)
+    torch.testing.assert_close(native.outer(y, x), y.unsqueeze(-1) * x.unsqueeze(-2), **tol)
+    torch.testing.assert_close(native.outer(y, x, y, z, 0.5),
+                               0.5 * (y.unsqueeze(-1) * x.unsqueeze(-2)
+                                      + y.unsqueeze(-1) * z.unsqueeze(-2)), **tol)
+    S = A[..., :4, :4] + A[..., :4, :4].mT
+    tau, lin = x[..., :4], torch.randn(4, generator=g, dtype=dtype).expand(B, T, 4)
+    quad = 0.5 * (tau * (S @ tau.unsqueeze(-1)).squeeze(-1)).sum(-1) + (lin * tau).sum(-1)
+    torch.testing.assert_close(native.quad_value(S, lin, tau), quad, **tol)
+
+
+@needs_native
+@pytest.mark.parametrize("sym,trans", [(False, False), (False, True), (True, False)])
+def test_matvec_gradients_with_native_products(sym, trans):
+    """``expand.matvec`` with the compiled products in its forward and backward: gradcheck
+    (and gradgradcheck, where the backward's own products are recorded by autograd)."""
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from diffmpc.expand import matvec
+
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    if sym:
+        A = A + A.mT
+    A.requires_grad_(True)
+    x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def f(A, x):
+        return matvec(A, x, sym=sym, trans=trans)
+
+    assert _spied("matvec", f, A.detach(), x.detach()).shape == (2, 3, 4)
+    if sym:  # the symmetrized gradient is the gradient along symmetric directions only
+        def f(A, x):  # noqa: F811
+            return matvec(0.5 * (A + A.mT), x, sym=True)
+    assert gradcheck(f, (A, x))
+    assert gradgradcheck(f, (A, x))

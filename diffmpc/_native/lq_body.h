@@ -442,3 +442,126 @@ int NAME(diffmpc_check_cost)(int64_t N, int64_t p, int64_t n, const REAL *C, con
     out[3] = indefinite;
     return 0;
 }
+
+/* Batched products of [B, T] blocks (expand.matvec, expand.matvec_pair and their gradients).
+ * Every operand is a 4-d (blocks) or 3-d (vectors) view given by element strides {batch, time,
+ * row[, column]}; outputs are contiguous. */
+
+/* y = A x (trans = 0, y [B, T, r]) or y = A' x (trans = 1, y [B, T, c]) for A [B, T, r, c]. */
+int NAME(diffmpc_matvec)(int64_t B, int64_t T, int64_t r, int64_t c, const REAL *A,
+                         const int64_t *sA, const REAL *x, const int64_t *sx, int trans, REAL *y)
+{
+    const int64_t out = trans ? c : r;
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+            const REAL *At = A + b * sA[0] + t * sA[1], *xt = x + b * sx[0] + t * sx[1];
+            REAL *yt = y + (b * T + t) * out;
+            if (!trans) {
+                for (int64_t i = 0; i < r; ++i) {
+                    const REAL *row = At + i * sA[2];
+                    REAL s = 0;
+                    if (sA[3] == 1 && sx[2] == 1)
+                        for (int64_t j = 0; j < c; ++j)
+                            s += row[j] * xt[j];
+                    else
+                        for (int64_t j = 0; j < c; ++j)
+                            s += row[j * sA[3]] * xt[j * sx[2]];
+                    yt[i] = s;
+                }
+            } else {
+                for (int64_t j = 0; j < c; ++j)
+                    yt[j] = 0;
+                for (int64_t i = 0; i < r; ++i) {
+                    const REAL *row = At + i * sA[2];
+                    const REAL xi = xt[i * sx[2]];
+                    if (sA[3] == 1)
+                        for (int64_t j = 0; j < c; ++j)
+                            yt[j] += row[j] * xi;
+                    else
+                        for (int64_t j = 0; j < c; ++j)
+                            yt[j] += row[j * sA[3]] * xi;
+                }
+            }
+        }
+    return 0;
+}
+
+/* ax = A x [B, T, r] and aty = A' y [B, T, c] in one pass over A [B, T, r, c]. */
+int NAME(diffmpc_matvec_pair)(int64_t B, int64_t T, int64_t r, int64_t c, const REAL *A,
+                              const int64_t *sA, const REAL *x, const int64_t *sx, const REAL *y,
+                              const int64_t *sy, REAL *ax, REAL *aty)
+{
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+            const REAL *At = A + b * sA[0] + t * sA[1], *xt = x + b * sx[0] + t * sx[1];
+            const REAL *yt = y + b * sy[0] + t * sy[1];
+            REAL *axt = ax + (b * T + t) * r, *atyt = aty + (b * T + t) * c;
+            for (int64_t j = 0; j < c; ++j)
+                atyt[j] = 0;
+            for (int64_t i = 0; i < r; ++i) {
+                const REAL *row = At + i * sA[2];
+                const REAL yi = yt[i * sy[2]];
+                REAL s = 0;
+                for (int64_t j = 0; j < c; ++j) {
+                    const REAL a = row[j * sA[3]];
+                    s += a * xt[j * sx[2]];
+                    atyt[j] += a * yi;
+                }
+                axt[i] = s;
+            }
+        }
+    return 0;
+}
+
+/* G [B, T, r, c] = alpha (g x' + y z') (y, z NULL: alpha g x'), contiguous; with sym (r = c,
+ * alpha = 1/2, y = x, z = g) the symmetrized gradient (g x' + x g') / 2. */
+int NAME(diffmpc_outer)(int64_t B, int64_t T, int64_t r, int64_t c, const REAL *g,
+                        const int64_t *sg, const REAL *x, const int64_t *sx, const REAL *y,
+                        const int64_t *sy, const REAL *z, const int64_t *sz, double alpha,
+                        REAL *G)
+{
+    const REAL al = (REAL)alpha;
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+            const REAL *gt = g + b * sg[0] + t * sg[1], *xt = x + b * sx[0] + t * sx[1];
+            REAL *Gt = G + (b * T + t) * r * c;
+            if (y == NULL) {
+                for (int64_t i = 0; i < r; ++i) {
+                    const REAL gi = al * gt[i * sg[2]];
+                    for (int64_t j = 0; j < c; ++j)
+                        Gt[i * c + j] = gi * xt[j * sx[2]];
+                }
+            } else {
+                const REAL *yt = y + b * sy[0] + t * sy[1], *zt = z + b * sz[0] + t * sz[1];
+                for (int64_t i = 0; i < r; ++i) {
+                    const REAL gi = al * gt[i * sg[2]], yi = al * yt[i * sy[2]];
+                    for (int64_t j = 0; j < c; ++j)
+                        Gt[i * c + j] = gi * xt[j * sx[2]] + yi * zt[j * sz[2]];
+                }
+            }
+        }
+    return 0;
+}
+
+/* Stage costs of a quadratic cost: v [B, T] = 1/2 tau' C tau + c' tau, C [B, T, p, p],
+ * c and tau [B, T, p]. */
+int NAME(diffmpc_quad_value)(int64_t B, int64_t T, int64_t p, const REAL *C, const int64_t *sC,
+                             const REAL *c, const int64_t *sc, const REAL *tau,
+                             const int64_t *st, REAL *v)
+{
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+            const REAL *Ct = C + b * sC[0] + t * sC[1], *ct = c + b * sc[0] + t * sc[1];
+            const REAL *tt = tau + b * st[0] + t * st[1];
+            REAL total = 0;
+            for (int64_t i = 0; i < p; ++i) {
+                const REAL *row = Ct + i * sC[2];
+                REAL s = 0;
+                for (int64_t j = 0; j < p; ++j)
+                    s += row[j * sC[3]] * tt[j * st[2]];
+                total += tt[i * st[2]] * ((REAL)0.5 * s + ct[i * sc[2]]);
+            }
+            v[b * T + t] = total;
+        }
+    return 0;
+}
