@@ -9,6 +9,7 @@ broadcast and homogeneous operands, float32, and control blocks that are not pos
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -345,3 +346,36 @@ def test_matvec_gradients_with_native_products(sym, trans):
             return matvec(0.5 * (A + A.mT), x, sym=True)
     assert gradcheck(f, (A, x))
     assert gradgradcheck(f, (A, x))
+
+
+_LANES4 = """
+import torch
+from diffmpc import lqr, native
+g = torch.Generator().manual_seed(0)
+B, T, n, m = 7, 6, 4, 3
+p = n + m
+L = torch.randn(B, T, p, p, generator=g, dtype=torch.float64)
+C = L @ L.mT / p + 0.1 * torch.eye(p, dtype=torch.float64)
+c = torch.randn(B, T, p, generator=g, dtype=torch.float64)
+F = 0.5 * torch.randn(B, T - 1, n, p, generator=g, dtype=torch.float64)
+f = torch.randn(B, T - 1, n, generator=g, dtype=torch.float64)
+free = torch.rand(B, T, m, generator=g) > 0.3
+with torch.inference_mode():
+    a = lqr.riccati(C, c, F, f, free=free, expected=True)
+    with native.enabled(False):
+        b = lqr.riccati(C, c, F, f, free=free, expected=True)
+print(native.status())
+print(max(float((x - y).abs().max()) for x, y in ((a.K, b.K), (a.k, b.k), (a.L, b.L), (a.dV, b.dV))))
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not native.available(),
+                    reason="an x86-64 machine with the native kernels")
+def test_four_lane_build_for_avx2_machines(tmp_path):
+    """Built for any AVX2 machine (no 512-bit vectors: four samples per vector, the layout of
+    most CPUs), the kernels give the same gains as PyTorch."""
+    r = _python(_LANES4, DIFFMPC_NATIVE_MARCH="x86-64-v3", DIFFMPC_CACHE_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    status, diff = r.stdout.split()
+    assert status == "available"
+    assert float(diff) <= 1e-12

@@ -5,9 +5,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* samples side by side in one vector: 8 where the CPU has 512-bit vectors, else 4; GATHER is
+ * the vector of the LANES numbers at offset o from the LANES pointers P */
+#ifdef __AVX512F__
+#define LANES 8
+#define GATHER(P, o) ((VEC){(P)[0][o], (P)[1][o], (P)[2][o], (P)[3][o], (P)[4][o], (P)[5][o], \
+                            (P)[6][o], (P)[7][o]})
+#else
 #define LANES 4
-/* the vector of the LANES numbers at offset o from the LANES pointers P */
 #define GATHER(P, o) ((VEC){(P)[0][o], (P)[1][o], (P)[2][o], (P)[3][o]})
+#endif
 
 #define REAL double
 #define VEC vec_f64
