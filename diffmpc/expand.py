@@ -57,6 +57,41 @@ class _MatVec(torch.autograd.Function):
         return gA, gx, None, None, None
 
 
+class _QuadValue(torch.autograd.Function):
+    """Stage costs ``1/2 tau' C tau + c' tau`` ``[B, T]`` of a symmetric C ``[B, T, p, p]`` in one
+    compiled pass, which keeps ``C tau`` for the backward: ``w tau`` for c, ``w (C tau + c)``
+    for tau and ``w tau tau' / 2`` for C (the symmetric gradient, as ``matvec(sym=True)``'s).
+    Only where ``native.blocks`` holds; a backward that records a graph (double backward) uses
+    PyTorch operations on the saved inputs."""
+
+    @staticmethod
+    def forward(C, c, tau):
+        return native.quad_value(C, c, tau, with_product=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        C, c, tau = inputs
+        ctx.save_for_backward(C, c, tau, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, w, _):
+        C, c, tau, Ct = ctx.saved_tensors
+        wt = w.unsqueeze(-1) * tau
+        gC = gc = gtau = None
+        recording = torch.is_grad_enabled()
+        if ctx.needs_input_grad[0]:
+            gC = (0.5 * wt.unsqueeze(-1) * tau.unsqueeze(-2) if recording
+                  else native.outer(wt, tau, alpha=0.5))
+        if ctx.needs_input_grad[1]:
+            gc = wt
+        if ctx.needs_input_grad[2]:
+            if recording:
+                Ct = matvec(C, tau, sym=True)
+            gtau = w.unsqueeze(-1) * (Ct + c)
+        return gC, gc, gtau
+
+
 def matvec(A: Tensor, x: Tensor, sym: bool = False, trans: bool = False,
            need_x=None) -> Tensor:
     """Batched ``A x`` (or ``A' x`` if ``trans``) for ``A [..., r, c]`` and x with the same
@@ -357,6 +392,8 @@ class TrajCost:
             if tau.dim() == 3:
                 if native.blocks(self.C, self.c, tau):  # one pass, where no grad is recorded
                     return native.quad_value(self.C, self.c, tau)
+                if native.blocks(self.C.detach(), self.c.detach(), tau.detach()):
+                    return _QuadValue.apply(self.C, self.c, tau)[0]
                 return (0.5 * matvec(self.C, tau, sym=True) + self.c).mul(tau).sum(-1)
             extra = tau.shape[:-3]  # leading dims beyond [B, T] (e.g. line-search steps)
             t = tau.reshape(-1, *tau.shape[-3:]).permute(1, 2, 0, 3)  # [B, T, k, p]

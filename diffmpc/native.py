@@ -101,7 +101,7 @@ def _build() -> ctypes.CDLL:
                   "matvec": [i64] * 4 + [ptr] * 4 + [ctypes.c_int, ptr],
                   "matvec_pair": [i64] * 4 + [ptr] * 8,
                   "outer": [i64] * 4 + [ptr] * 8 + [ctypes.c_double, ptr],
-                  "quad_value": [i64] * 3 + [ptr] * 7}
+                  "quad_value": [i64] * 3 + [ptr] * 8}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -303,9 +303,12 @@ def outer(g: Tensor, x: Tensor, y: Tensor | None = None, z: Tensor | None = None
     return G
 
 
-def quad_value(C: Tensor, c: Tensor, tau: Tensor) -> Tensor:
-    """``1/2 tau' C tau + c' tau`` ``[B, T]`` for C ``[B, T, p, p]``, c and tau ``[B, T, p]``."""
+def quad_value(C: Tensor, c: Tensor, tau: Tensor, with_product: bool = False):
+    """``1/2 tau' C tau + c' tau`` ``[B, T]`` for C ``[B, T, p, p]``, c and tau ``[B, T, p]``;
+    with ``with_product``, also ``C tau`` ``[B, T, p]`` (from the same pass)."""
     B, T, p = tau.shape
     v = tau.new_empty(B, T)
-    _kernel("quad_value", C.dtype)(B, T, p, *_view(C), *_view(c), *_view(tau), v.data_ptr())
-    return v
+    Ct = tau.new_empty(B, T, p) if with_product else None
+    _kernel("quad_value", C.dtype)(B, T, p, *_view(C), *_view(c), *_view(tau), v.data_ptr(),
+                                   None if Ct is None else Ct.data_ptr())
+    return (v, Ct) if with_product else v

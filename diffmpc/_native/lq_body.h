@@ -544,10 +544,10 @@ int NAME(diffmpc_outer)(int64_t B, int64_t T, int64_t r, int64_t c, const REAL *
 }
 
 /* Stage costs of a quadratic cost: v [B, T] = 1/2 tau' C tau + c' tau, C [B, T, p, p],
- * c and tau [B, T, p]. */
+ * c and tau [B, T, p]; and, if Cx is not NULL, Cx [B, T, p] = C tau (the gradient's part). */
 int NAME(diffmpc_quad_value)(int64_t B, int64_t T, int64_t p, const REAL *C, const int64_t *sC,
                              const REAL *c, const int64_t *sc, const REAL *tau,
-                             const int64_t *st, REAL *v)
+                             const int64_t *st, REAL *v, REAL *Cx)
 {
     for (int64_t b = 0; b < B; ++b)
         for (int64_t t = 0; t < T; ++t) {
@@ -559,6 +559,8 @@ int NAME(diffmpc_quad_value)(int64_t B, int64_t T, int64_t p, const REAL *C, con
                 REAL s = 0;
                 for (int64_t j = 0; j < p; ++j)
                     s += row[j * sC[3]] * tt[j * st[2]];
+                if (Cx != NULL)
+                    Cx[(b * T + t) * p + i] = s;
                 total += tt[i * st[2]] * ((REAL)0.5 * s + ct[i * sc[2]]);
             }
             v[b * T + t] = total;
