@@ -118,7 +118,7 @@ class IterResult:
 
     x: Tensor  # [B, T, n]
     u: Tensor  # [B, T, m]
-    objective: Tensor  # [B]
+    objective: Tensor | None  # [B]; None where the caller forms it itself (``ilqr``)
     converged: Tensor  # [B] bool
     iterations: Tensor  # [B] long
     step_norm: Tensor  # [B] last step's inf-norm
@@ -619,6 +619,7 @@ def ilqr(
     opts: SolverOptions,
     create_graph: bool = False,
     probe_saddles: bool = False,
+    objective: bool = True,
 ) -> IterResult:
     """Solve a batch of (box-constrained) optimal control problems.
 
@@ -633,6 +634,8 @@ def ilqr(
             second-order check, and leaves the point if it is no local minimum. Worth its cost
             for a generic guess such as ``u = 0``, which is often a symmetric point (a pendulum
             hanging at rest); a warm start from an earlier solution rarely needs it.
+        objective: False: a solve that needs no iterations (an unconstrained LQR) leaves
+            ``IterResult.objective`` None (the implicit backward's outputs form it anew).
 
     Returns:
         IterResult.
@@ -641,7 +644,7 @@ def ilqr(
     exact = dyn.linear and cost.quadratic and lower is None
     par = opts.parallel_for(x_init, u_init.shape[1])
     if exact and not create_graph:
-        res = _lqr(x_init, cost, dyn, u_init, par)
+        res = _lqr(x_init, cost, dyn, u_init, par, objective)
         if res is not None:
             return res
     tol = opts.tol if opts.tol is not None else (1e-7 if x_init.dtype == torch.float64 else 1e-4)
@@ -684,7 +687,7 @@ def _lq_passes(max_iter: int) -> int:
 
 
 def _lqr(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u_init: Tensor,
-         parallel: bool = False) -> IterResult | None:
+         parallel: bool = False, objective: bool = True) -> IterResult | None:
     """An unconstrained LQR in one Riccati pass and one rollout (scans over time if
     ``parallel``), or None if some control Hessian of the recursion is not positive definite
     (the iterations regularize those)."""
@@ -694,7 +697,8 @@ def _lqr(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u_init: Tensor,
         return None
     x, u = rollout_affine(gains, x_init)
     ones = torch.ones_like(gains.ok)
-    return IterResult(x=x, u=u, objective=cost.value(x, u).sum(-1), converged=ones,
+    obj = cost.value(x, u).sum(-1) if objective else None
+    return IterResult(x=x, u=u, objective=obj, converged=ones,
                       iterations=ones.long(), step_norm=(u - u_init).abs().flatten(1).amax(-1),
                       gains=gains)
 
