@@ -151,6 +151,8 @@ def homogeneous_dynamics(F: Tensor, d: Tensor | None, batch_last: bool = False) 
     """``[[1, 0], [d, F]]``, time-major ``[T-1, B, n+1, p+1]``: ``[1; x'] = Fh [1; x; u]``.
     ``batch_last``: stored ``[T-1, n+1, p+1, B]`` instead (as ``homogeneous_cost``)."""
     B, T1, n, p = F.shape
+    if not batch_last and native.handles(F, d) and (d is None or d.shape == F.shape[:3]):
+        return native.homogeneous(F, d)
     store, out = _fresh(F, T1, B, n + 1, p + 1, batch_last)
     out[..., 1:, 1:] = F.transpose(0, 1)
     out[..., 0, :] = 0.0

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "status", "enabled", "riccati", "rollout", "costate", "feedforward",
-           "check_cost", "matvec", "matvec_pair", "outer", "quad_value"]
+           "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
+           "homogeneous"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _FLAGS = ("-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
@@ -101,7 +102,8 @@ def _build() -> ctypes.CDLL:
                   "matvec": [i64] * 4 + [ptr] * 4 + [ctypes.c_int, ptr],
                   "matvec_pair": [i64] * 4 + [ptr] * 8,
                   "outer": [i64] * 4 + [ptr] * 8 + [ctypes.c_double, ptr],
-                  "quad_value": [i64] * 3 + [ptr] * 8}
+                  "quad_value": [i64] * 3 + [ptr] * 8,
+                  "homogeneous": [i64] * 4 + [ptr] * 5}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -312,3 +314,11 @@ def quad_value(C: Tensor, c: Tensor, tau: Tensor, with_product: bool = False):
     _kernel("quad_value", C.dtype)(B, T, p, *_view(C), *_view(c), *_view(tau), v.data_ptr(),
                                    None if Ct is None else Ct.data_ptr())
     return (v, Ct) if with_product else v
+
+
+def homogeneous(F: Tensor, d: Tensor | None) -> Tensor:
+    """``lqr.homogeneous_dynamics(F, d)`` (time-major ``[T-1, B, n+1, p+1]``) in one pass."""
+    B, T1, n, p = F.shape
+    Fh = F.new_empty(T1, B, n + 1, p + 1)
+    _kernel("homogeneous", F.dtype)(B, T1, n, p, *_view(F), *_view(d), Fh.data_ptr())
+    return Fh

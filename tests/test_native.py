@@ -420,3 +420,13 @@ def test_quadratic_stage_cost_gradients(make_problem):
     B, T = 1, 2
     assert gradcheck(sym_value, small)
     assert gradgradcheck(sym_value, small)
+
+
+@needs_native
+def test_homogeneous_dynamics_equal_pytorch(make_problem):
+    prob = make_problem(5, 6, 3, 2, seed=6)
+    F = prob.F.transpose(0, 1).contiguous().transpose(0, 1)  # time-major storage
+    for d in (prob.f, None, prob.f[0].expand(5, 5, 3)):
+        got = _spied("homogeneous", lqr.homogeneous_dynamics, F, d)
+        with native.enabled(False):
+            assert torch.equal(got, lqr.homogeneous_dynamics(F, d))

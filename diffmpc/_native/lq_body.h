@@ -567,3 +567,32 @@ int NAME(diffmpc_quad_value)(int64_t B, int64_t T, int64_t p, const REAL *C, con
         }
     return 0;
 }
+
+/* Homogeneous dynamics (lqr.homogeneous_dynamics): Fh [T-1, B, n+1, p+1], contiguous, from
+ * F [B, T-1, n, p] (strides sF = {batch, time, row, column}) and d (sd = {batch, time, entry};
+ * NULL: zero): Fh_t = [[1, 0], [d_t, F_t]]. Returns 0. */
+int NAME(diffmpc_homogeneous)(int64_t B, int64_t T1, int64_t n, int64_t p, const REAL *F,
+                              const int64_t *sF, const REAL *d, const int64_t *sd, REAL *Fh)
+{
+    const int64_t ph = p + 1;
+    for (int64_t t = 0; t < T1; ++t)
+        for (int64_t b = 0; b < B; ++b) {
+            REAL *out = Fh + (t * B + b) * (n + 1) * ph;
+            const REAL *Ft = F + b * sF[0] + t * sF[1];
+            out[0] = 1;
+            for (int64_t j = 1; j < ph; ++j)
+                out[j] = 0;
+            for (int64_t i = 0; i < n; ++i) {
+                REAL *row = out + (i + 1) * ph;
+                const REAL *src = Ft + i * sF[2];
+                row[0] = d == NULL ? 0 : d[b * sd[0] + t * sd[1] + i * sd[2]];
+                if (sF[3] == 1)
+                    for (int64_t j = 0; j < p; ++j)
+                        row[j + 1] = src[j];
+                else
+                    for (int64_t j = 0; j < p; ++j)
+                        row[j + 1] = src[j * sF[3]];
+            }
+        }
+    return 0;
+}
