@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from diffmpc import native
 from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues
 from diffmpc.lqr import (
     Gains,
@@ -470,12 +471,23 @@ def _grad_u(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor,
             lam = torch.baddbmm(V[1:, ..., n:].flatten(0, 1), V[1:, ..., :n].flatten(0, 1),
                                 xt.flatten(0, 1)).unflatten(0, xt.shape[:2]).mT  # [T-1, B, 1, n]
         else:
-            lam = costate(g[..., :n], Fh[:, :, 1:, 1:n + 1], parallel)[:, 1:].transpose(0, 1)
-            lam = lam.unsqueeze(-2)
+            lam = costate(g[..., :n], Fh[:, :, 1:, 1:n + 1], parallel)[:, 1:]
+            Fu = Fh[:, :, 1:, n + 1:].transpose(0, 1)  # [B, T-1, n, m], a view
+            if native.blocks(Fu, lam):
+                Fu_lam = native.matvec(Fu, lam, trans=True)
+                return gu + torch.cat([Fu_lam, torch.zeros_like(gu[:, :1])], 1), g
+            lam = lam.transpose(0, 1).unsqueeze(-2)
         # time-major, as Fh is stored (an einsum here copied F_u into its batch-first order)
         Fu_lam = (lam @ Fh[:, :, 1:, n + 1:]).squeeze(-2)
         gu = gu + torch.cat([Fu_lam.transpose(0, 1), torch.zeros_like(gu[:, :1])], 1)
     return gu, g
+
+
+def _times(A: Tensor, v: Tensor) -> Tensor:
+    """``A v`` ``[B, T, r]`` for ``A [B, T, r, k]`` (a view) and ``v [B, T, k]``."""
+    if native.blocks(A, v):
+        return native.matvec(A, v)
+    return (A @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def _dual_tol(g: Tensor, power: float = 0.5) -> Tensor:
@@ -542,7 +554,9 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     # and dynamics: built once, the linear terms and offsets rewritten for each pass (no reader
     # of an earlier pass's Fh uses its offsets)
     Ch = Fh = None
-    keep_ch = reusable_cost(cost.C)
+    # the compiled pass (several controls on a CPU) reads C and the linear terms in place
+    keep_ch = reusable_cost(cost.C) and not (m > 1 and not parallel
+                                             and native.handles(cost.C, cost.c))
     # stored as riccati stores them: batch-last for one control on a CPU batch (no copy per
     # pass); rewritten through their time-major views
     bl = keep_ch and stores_batch_last(cost.C, n, parallel, True)
@@ -558,8 +572,8 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         free = ~(h_lo | h_hi)
         val = torch.where(h_lo, lo, torch.where(h_hi, hi, torch.zeros_like(lo)))
         # tau = tau' + [0; val]: the held controls move into the linear terms and offsets
-        c_eff = c_sub.c + (c_sub.C[..., n:] @ val.unsqueeze(-1)).squeeze(-1)
-        d_eff = d_sub.f + (d_sub.F[..., n:] @ val[:, :-1].unsqueeze(-1)).squeeze(-1)
+        c_eff = c_sub.c + _times(c_sub.C[..., n:], val)
+        d_eff = d_sub.f + _times(d_sub.F[..., n:], val[:, :-1])
         if whole:
             if Ch is None and keep_ch:
                 Ch = homogeneous_cost(cost.C, c_eff, batch_last=bl)
