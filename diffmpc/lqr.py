@@ -358,6 +358,9 @@ def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected, soa)
     carry Fh as a time-major view of that storage.
     """
     T, B = Ch.shape[0], Ch.shape[-1] if soa else Ch.shape[1]
+    if native.handles(Ch, Fh, lower, upper, reg, uu_floor):
+        return _native_scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected,
+                                      soa)
     Chs, Fhs, work = Ch.unbind(0), None, ()
     if Fh is not None:
         Fhs = Fh.unbind(0)
@@ -409,6 +412,29 @@ def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected, soa)
     if soa and Fh is not None:
         Fh = Fh.permute(0, 3, 1, 2)
     return Gains(K, k, free.unsqueeze(-1), dV, ok, L, Fh)
+
+
+def _native_scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected, soa
+                           ) -> Gains:
+    """``_scalar_riccati`` by the compiled pass (``diffmpc.native.scalar_riccati``), reading Ch
+    and Fh in place in either storage; the same gains and flags to rounding."""
+    # [b, t, row, column] views of batch-first [T, B, r, c] or batch-last [T, r, c, B] storage
+    bt = (lambda z: z.permute(3, 0, 1, 2)) if soa else (lambda z: z.transpose(0, 1))  # noqa: E731
+    first = (lambda z: None if z is None else z[..., 0])  # noqa: E731
+    Kh, f, qu, h, h_r = native.scalar_riccati(
+        bt(Ch), None if Fh is None else bt(Fh), n, first(lower), first(upper),
+        None if lower is not None else first(free), reg, uu_floor)
+    Kh, f, qu, h, h_r = (z.transpose(0, 1) for z in (Kh, f, qu, h, h_r))  # batch-first views
+    Kh = Kh.unsqueeze(2)  # [B, T, 1, n+1]
+    K, k = Kh[..., 1:], Kh[..., 0]
+    kk = k[..., 0]
+    dV = torch.stack([(kk * qu).sum(-1), 0.5 * (kk * h * kk).sum(-1)], -1) if expected else None
+    L = torch.where(f, h_r.clamp_min(0).sqrt(), 1.0)[..., None, None]
+    need = f if lower is None else torch.ones_like(f)
+    ok = ~(need & (h_r <= 0)).any(-1)
+    if soa and Fh is not None:
+        Fh = Fh.permute(0, 3, 1, 2)
+    return Gains(K, k, f.unsqueeze(-1), dV, ok, L, Fh)
 
 
 def feedforward(gains: Gains, c: Tensor) -> Gains:

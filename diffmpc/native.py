@@ -29,7 +29,7 @@ from torch import Tensor
 
 __all__ = ["available", "status", "enabled", "riccati", "rollout", "costate", "feedforward",
            "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
-           "homogeneous"]
+           "homogeneous", "scalar_riccati"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _FLAGS = ("-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
@@ -103,7 +103,8 @@ def _build() -> ctypes.CDLL:
                   "matvec_pair": [i64] * 4 + [ptr] * 8,
                   "outer": [i64] * 4 + [ptr] * 8 + [ctypes.c_double, ptr],
                   "quad_value": [i64] * 3 + [ptr] * 8,
-                  "homogeneous": [i64] * 4 + [ptr] * 5}
+                  "homogeneous": [i64] * 4 + [ptr] * 5,
+                  "scalar_riccati": [i64] * 3 + [ptr] * 19}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -322,3 +323,31 @@ def homogeneous(F: Tensor, d: Tensor | None) -> Tensor:
     Fh = F.new_empty(T1, B, n + 1, p + 1)
     _kernel("homogeneous", F.dtype)(B, T1, n, p, *_view(F), *_view(d), Fh.data_ptr())
     return Fh
+
+
+def scalar_riccati(Ch: Tensor, Fh: Tensor | None, n: int, lower: Tensor | None,
+                   upper: Tensor | None, free: Tensor | None, reg: Tensor | None,
+                   floor: Tensor | None) -> tuple[Tensor, ...]:
+    """The one-control pass of ``lqr._scalar_riccati`` (see ``_native/lq_body.h``).
+
+    Args:
+        Ch: ``[B, T, p+1, p+1]`` view of the homogeneous cost. Fh: ``[B, T-1, n+1, p+1]`` view
+            of the homogeneous dynamics, or None if T = 1.
+        lower, upper: ``[B, T]`` views (box mode), or None. free: ``[B, T]`` bool view, or None.
+        reg, floor: ``[B]``, or None.
+
+    Returns:
+        Kh ``[T, B, n+1]``, free ``[T, B]`` (bool), qu, h (floored), h_r (regularized) ``[T, B]``.
+    """
+    B, T = Ch.shape[:2]
+    _bool(free)
+    Kh = Ch.new_empty(T, B, n + 1)
+    f = torch.empty(T, B, dtype=torch.bool)
+    qu, h, hr = (Ch.new_empty(T, B) for _ in range(3))
+    rc = _kernel("scalar_riccati", Ch.dtype)(
+        B, T, n, *_view(Ch), *_view(Fh), *_view(lower), *_view(upper), *_view(free),
+        *_view(reg), *_view(floor), Kh.data_ptr(), f.data_ptr(), qu.data_ptr(), h.data_ptr(),
+        hr.data_ptr())
+    if rc != 0:
+        raise MemoryError("diffmpc.native.scalar_riccati: out of memory")
+    return Kh, f, qu, h, hr

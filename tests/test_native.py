@@ -430,3 +430,34 @@ def test_homogeneous_dynamics_equal_pytorch(make_problem):
         got = _spied("homogeneous", lqr.homogeneous_dynamics, F, d)
         with native.enabled(False):
             assert torch.equal(got, lqr.homogeneous_dynamics(F, d))
+
+
+@needs_native
+@pytest.mark.parametrize("storage", ["batch-first", "batch-last"])
+@pytest.mark.parametrize("mode", ["plain", "box", "fixed", "box+reg", "reg+floor", "box+floor"])
+def test_one_control_pass_equals_pytorch(make_problem, monkeypatch, mode, storage):
+    """The compiled one-control pass (nonlinear solves of one-control systems run it every
+    iteration) against the same pass in PyTorch operations, in each of its modes, on a batch of
+    9 (a full vector group and a partial one) stored batch-first or batch-last, with an
+    indefinite control block."""
+    monkeypatch.setattr(lqr, "_SOA_MIN_BATCH", 1 if storage == "batch-last" else 10**9)
+    prob = make_problem(9, 7, 4, 1, seed=8)
+    B, T, n, m = prob.sizes
+    C = prob.C.clone()
+    C[2, -1, -1, -1] = -0.5
+    g = torch.Generator().manual_seed(9)
+    kw = {}
+    if "box" in mode:
+        kw.update(lower=torch.full((B, T, 1), -0.3, dtype=torch.float64),
+                  upper=torch.full((B, T, 1), 0.3, dtype=torch.float64))
+    if mode == "fixed":
+        kw["free"] = torch.rand(B, T, 1, generator=g) > 0.3
+    if "reg" in mode:
+        kw["reg"] = torch.rand(B, generator=g, dtype=torch.float64) + 0.1
+    if "floor" in mode:
+        kw["uu_floor"] = torch.full((B,), 0.05, dtype=torch.float64)
+    with torch.inference_mode():
+        fast = _spied("scalar_riccati", lqr.riccati, C, prob.c, prob.F, prob.f, **kw)
+        with native.enabled(False):
+            ref = lqr.riccati(C, prob.c, prob.F, prob.f, **kw)
+    _assert_same(fast, ref)

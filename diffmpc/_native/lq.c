@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* samples side by side in one vector: 8 where the CPU has 512-bit vectors, else 4; GATHER is
  * the vector of the LANES numbers at offset o from the LANES pointers P */

@@ -596,3 +596,135 @@ int NAME(diffmpc_homogeneous)(int64_t B, int64_t T1, int64_t n, int64_t p, const
         }
     return 0;
 }
+
+/* The one-control Riccati pass (lqr._scalar_riccati), in every mode that pass has: box
+ * (lower/upper given: the step's one-variable QP is the clipped minimizer), fixed free set (fr),
+ * Levenberg-Marquardt term (reg [B]) and curvature floor (floor [B]). Homogeneous operands:
+ * Ch (p+1) x (p+1) blocks, sC = {batch, time, row, column}; Fh (n+1) x (p+1) blocks, sF as sC
+ * (NULL if T == 1); lo, hi: sl, sh = {batch, time}; fr: sfr = {batch, time}; reg, floor: one
+ * number per sample (stride sr, sf) or NULL. The value function Vh (n+1) x (n+1) is kept as the
+ * PyTorch pass forms it (not symmetrized: with a clipped control it is not symmetric).
+ * Outputs, contiguous: Kh [T, B, n+1] ([k | K]), free [T, B] (bytes), qu, h, hr [T, B] (q_u,
+ * the floored and the regularized curvature). Returns 0, or -1 if out of memory.
+ */
+int NAME(diffmpc_scalar_riccati)(int64_t B, int64_t T, int64_t n, const REAL *Ch,
+                                 const int64_t *sC, const REAL *Fh, const int64_t *sF,
+                                 const REAL *lo, const int64_t *sl, const REAL *hi,
+                                 const int64_t *sh, const uint8_t *fr, const int64_t *sfr,
+                                 const REAL *reg, const int64_t *sr, const REAL *floor_,
+                                 const int64_t *sf, REAL *Kh, uint8_t *free_out, REAL *qu,
+                                 REAL *h_out, REAL *hr_out)
+{
+    const int64_t nh = n + 1, ph = n + 2, c = n + 1;  /* c: the control's homogeneous index */
+    const int64_t groups = (B + LANES - 1) / LANES;
+    VEC *buf = (VEC *)aligned_alloc(
+        64, (size_t)(((groups * nh * nh + nh * ph + ph * ph + ph * ph + nh * ph + nh)
+                      * (int64_t)sizeof(VEC) + 63) / 64 * 64));
+    if (buf == NULL)
+        return -1;
+    VEC *W = buf + groups * nh * nh, *Q = W + nh * ph, *Cv = Q + ph * ph, *Fv = Cv + ph * ph;
+    VEC *kh = Fv + nh * ph;
+    for (int64_t t = T - 1; t >= 0; --t) {
+        const int last = t == T - 1;
+        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
+            const int lanes = (int)(B - b0 < LANES ? B - b0 : LANES);
+            VEC *V = buf + (b0 / LANES) * nh * nh;
+            const REAL *Cl[LANES], *Fl[LANES];
+            for (int s = 0; s < LANES; ++s) {
+                const int64_t b = b0 + (s < lanes ? s : lanes - 1);
+                Cl[s] = Ch + b * sC[0] + t * sC[1];
+                Fl[s] = last ? NULL : Fh + b * sF[0] + t * sF[1];
+            }
+            /* batch-last storage and a full group: each vector is LANES adjacent numbers */
+            const int cvec = lanes == LANES && sC[0] == 1, fvec = lanes == LANES && !last
+                                                                && sF[0] == 1;
+            for (int64_t i = 0; i < ph; ++i)
+                for (int64_t j = 0; j < ph; ++j) {
+                    const int64_t o = i * sC[2] + j * sC[3];
+                    if (cvec)
+                        memcpy(&Cv[i * ph + j], Cl[0] + o, sizeof(VEC));
+                    else
+                        Cv[i * ph + j] = GATHER(Cl, o);
+                }
+            for (int64_t i = 0; i < ph * ph; ++i)
+                Q[i] = Cv[i];
+            if (!last) {
+                for (int64_t k = 0; k < nh; ++k)
+                    for (int64_t j = 0; j < ph; ++j) {
+                        const int64_t o = k * sF[2] + j * sF[3];
+                        if (fvec)
+                            memcpy(&Fv[k * ph + j], Fl[0] + o, sizeof(VEC));
+                        else
+                            Fv[k * ph + j] = GATHER(Fl, o);
+                    }
+                /* W = Vh Fh, then Q += Fh' W (Vh as the PyTorch pass forms it) */
+                for (int64_t i = 0; i < nh; ++i)
+                    for (int64_t j = 0; j < ph; ++j) {
+                        VEC acc = {0};
+                        for (int64_t k = 0; k < nh; ++k)
+                            acc += V[i * nh + k] * Fv[k * ph + j];
+                        W[i * ph + j] = acc;
+                    }
+                for (int64_t i = 0; i < ph; ++i)
+                    for (int64_t j = 0; j < ph; ++j) {
+                        VEC acc = {0};
+                        for (int64_t k = 0; k < nh; ++k)
+                            acc += Fv[k * ph + i] * W[k * ph + j];
+                        Q[i * ph + j] += acc;
+                    }
+            }
+            VEC h = Q[c * ph + c], hr;
+            for (int s = 0; s < LANES; ++s) {  /* one number per lane: the step's decisions */
+                const int64_t b = b0 + (s < lanes ? s : lanes - 1);
+                REAL hs = h[s];
+                if (floor_ != NULL) {  /* torch.maximum: a NaN propagates */
+                    const REAL fl = floor_[b * sf[0]];
+                    hs = hs != hs ? hs : (fl != fl ? fl : (hs > fl ? hs : fl));
+                }
+                h[s] = hs;
+                hr[s] = reg == NULL ? hs : hs + reg[b * sr[0]];
+            }
+            for (int64_t j = 0; j < nh; ++j)
+                kh[j] = Q[c * ph + j] / -hr;
+            uint8_t f[LANES];
+            for (int s = 0; s < LANES; ++s) {
+                const int64_t b = b0 + (s < lanes ? s : lanes - 1);
+                f[s] = 1;
+                if (lo != NULL) {  /* torch.clamp(k, lo, hi): min(max(k, lo), hi), NaN kept */
+                    const REAL kf = kh[0][s], l = lo[b * sl[0] + t * sl[1]];
+                    const REAL u = hi[b * sh[0] + t * sh[1]];
+                    REAL k = kf != kf ? kf : (kf < l ? l : kf);
+                    k = k != k ? k : (k > u ? u : k);
+                    f[s] = k == kf;
+                    if (!f[s])
+                        for (int64_t j = 0; j < nh; ++j)
+                            kh[j][s] = 0;
+                    kh[0][s] = k;
+                } else if (fr != NULL) {
+                    f[s] = fr[b * sfr[0] + t * sfr[1]] != 0;
+                    if (!f[s])
+                        for (int64_t j = 0; j < nh; ++j)
+                            kh[j][s] = 0;
+                }
+            }
+            for (int64_t i = 0; i < nh; ++i)
+                for (int64_t j = 0; j < nh; ++j)
+                    V[i * nh + j] = Q[i * ph + j] + Q[i * ph + c] * kh[j];
+            if (reg != NULL)
+                for (int64_t i = 0; i < nh; ++i)
+                    for (int64_t j = 0; j < nh; ++j)
+                        V[i * nh + j] += kh[i] * (Q[c * ph + j] + h * kh[j]);
+            for (int s = 0; s < lanes; ++s) {
+                const int64_t tb = t * B + b0 + s;
+                for (int64_t j = 0; j < nh; ++j)
+                    Kh[tb * nh + j] = kh[j][s];
+                free_out[tb] = f[s];
+                qu[tb] = Q[c * ph][s];
+                h_out[tb] = h[s];
+                hr_out[tb] = hr[s];
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
