@@ -211,6 +211,11 @@ def riccati(
     ``homogeneous_dynamics``): ``Qh = Ch_t + Fh_t' Vh Fh_t`` (two products; on large problems
     C_t and c_t are added in place instead of materializing Ch) gives Q and q together, one
     solve gives ``[k | K]``, and one product the value ``Vh = [[., v'], [v, V]]``.
+
+    On a CPU the sequential pass runs compiled where ``diffmpc.native`` handles the tensors:
+    fixed-set and unconstrained passes of several controls (``native.riccati``) and every
+    one-control pass (``native.scalar_riccati``); box mode, regularization and floors with
+    several controls, and passes that autograd records, use PyTorch operations.
     """
     B, T, p, _ = C.shape
     n = F.shape[-2]

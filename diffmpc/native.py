@@ -1,14 +1,19 @@
-"""Native kernels: the Riccati pass compiled from C on first use, with PyTorch as the fallback.
+"""Native kernels: the CPU's linear-quadratic passes compiled from C on first use, with PyTorch
+operations as the fallback.
 
-On a CPU the sequential Riccati pass of a multi-control problem is a chain of small batched
-products, which BLAS runs far below this machine's peak (``BENCHMARKS.md``). ``_native/lq.c``
-runs it with several samples in the lanes of each vector instruction instead. It is compiled
-once per machine with the system's C compiler (``$CC``, else ``cc``) into a cache directory
+On a CPU the sequential passes of a batched LQ solve (Riccati recursions, rollouts, costates)
+and the products over its ``[B, T]`` blocks (``C tau``, ``F' lam``, gradient outer products)
+are chains of small operations, which BLAS and PyTorch's dispatch run far below this machine's
+peak (``BENCHMARKS.md``). ``_native/lq.c`` runs each as one loop, with several samples in the
+lanes of each vector instruction where the work is arithmetic. It is compiled once per machine
+with the system's C compiler (``$CC``, else ``cc``; under a second) into a cache directory
 (``$DIFFMPC_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffmpc``, else ``~/.cache/diffmpc``) and loaded
 with ctypes: no build step at install time, no Python headers.
 
-Where there is no compiler, or the build fails, or ``DIFFMPC_NATIVE=0`` is set, ``available()``
-is False, ``status()`` says why, and every solve uses PyTorch operations (the same results to
+The kernels run where ``handles`` says so: CPU tensors of float32 or float64, and no autograd
+recording through them (unrolled and double-backward gradients keep PyTorch operations). Where
+there is no compiler, or the build fails, or ``DIFFMPC_NATIVE=0`` is set, ``available()`` is
+False, ``status()`` says why, and every solve uses PyTorch operations (the same results to
 rounding). Nothing is printed.
 """
 
@@ -124,7 +129,7 @@ def _load() -> ctypes.CDLL | None:
             else:
                 try:
                     _lib = _build()
-                except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
                     _reason = str(err)
     return _lib
 
@@ -142,14 +147,15 @@ def status() -> str:
 
 
 class enabled:
-    """``with diffmpc.native.enabled(False): ...`` runs the PyTorch operations instead (as a
-    context manager; called plainly it switches until switched back)."""
+    """``with diffmpc.native.enabled(False): ...`` runs PyTorch operations instead of the
+    kernels inside the block (``enabled(True)``: the kernels where available)."""
 
     def __init__(self, on: bool):
-        global _enabled
-        self._before, _enabled = _enabled, bool(on)
+        self._on = bool(on)
 
     def __enter__(self):
+        global _enabled
+        self._before, _enabled = _enabled, self._on
         return self
 
     def __exit__(self, *exc):
