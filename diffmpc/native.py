@@ -80,12 +80,19 @@ def _build() -> ctypes.CDLL:
         digest.update((src / name).read_bytes())
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
     digest.update((cc + version.stdout + " ".join(flags) + _cpu_key()).encode())
-    out = _cache_dir() / f"lq-{digest.hexdigest()[:16]}.so"
+    name = f"lq-{digest.hexdigest()[:16]}.so"
+    out = _cache_dir() / name
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
         # build beside the target, then rename: concurrent processes (pytest -n) never load a
-        # half-written library
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        # half-written library; a cache directory that cannot be written gives way to the
+        # system's temporary directory
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        except OSError:
+            out = Path(tempfile.gettempdir()) / f"diffmpc-{os.getuid()}" / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
             res = subprocess.run([cc, *flags, "-o", tmp, str(src / "lq.c")],

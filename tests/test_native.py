@@ -192,6 +192,10 @@ def test_disabled_by_environment_and_without_a_compiler(tmp_path):
         assert r.returncode == 0 and r.stdout.splitlines()[0] == "available", r.stderr
         assert abs(float(r.stdout.splitlines()[1]) - values.pop()) <= 1e-12
         assert len(list((tmp_path / "d").glob("lq-*.so"))) == 1
+        blocked = tmp_path / "a-file"  # a cache "directory" that cannot be created
+        blocked.write_text("")
+        r = _python(_SOLVE, DIFFMPC_CACHE_DIR=str(blocked / "cache"))
+        assert r.returncode == 0 and r.stdout.splitlines()[0] == "available", r.stderr
 
 
 def _spied(name, fn, *args, **kw):
