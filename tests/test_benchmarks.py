@@ -62,3 +62,18 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
                  "implicit.md"):
         assert (tmp_path / name).read_text().count("\n|") >= 3, name
     assert " passed" in (tmp_path / "test_cuda.log").read_text()
+
+
+def test_native_speed_script(tmp_path):
+    """benchmarks/native_speed.py: both paths of each problem solve, and the table is written."""
+    from diffmpc import native
+
+    if not native.available():
+        pytest.skip(f"native kernels: {native.status()}")
+    bench = _load(SCRIPT.parent / "native_speed.py")
+    out = tmp_path / "native.md"
+    rows = bench.main(["--sizes", "3x5", "--reps", "1", "--problems", "lqr,box,pendulum",
+                       "--out", str(out)])
+    assert [r["problem"] for r in rows] == ["lqr", "box", "pendulum"]
+    assert all(r["fast"] > 0 and r["slow"] > 0 for r in rows)
+    assert out.read_text().count("\n|") == 5
