@@ -403,16 +403,23 @@ def _scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expected, soa)
         if reg is not None:  # the general value update: + Kh' (R + Quu Kh)
             Vh.addcmul_(kh.unsqueeze(1), torch.addcmul(r, h, kh).unsqueeze(0))
         khs[t], frees[t], qus[t], hs[t], h_rs[t] = kh.T, every if f is None else f, r[0], h, h_r
-    Kh = torch.stack(khs).transpose(0, 1).unsqueeze(2)  # [B, T, 1, n+1], time-major in memory
-    K, k = Kh[..., 1:], Kh[..., 0]
     qu, h, h_r = (torch.stack(v, 1) for v in (qus, hs, h_rs))  # [B, T]
-    free = torch.stack(frees, 1)
+    # [B, T, n+1], time-major in memory
+    return _scalar_gains(torch.stack(khs).transpose(0, 1), torch.stack(frees, 1), qu, h, h_r,
+                         los is not None, expected, soa, Fh)
+
+
+def _scalar_gains(Kh, free, qu, h, h_r, box, expected, soa, Fh) -> Gains:
+    """Gains of a one-control pass from its per-step ``Kh = [k | K] [B, T, n+1]``, free set,
+    ``q_u``, floored and regularized curvatures ``[B, T]`` (``box``: the pass clipped)."""
+    Kh = Kh.unsqueeze(2)  # [B, T, 1, n+1]
+    K, k = Kh[..., 1:], Kh[..., 0]
     kk = k[..., 0]
     dV = torch.stack([(kk * qu).sum(-1), 0.5 * (kk * h * kk).sum(-1)], -1) if expected else None
     L = torch.where(free, h_r.clamp_min(0).sqrt(), 1.0)[..., None, None]
     # a held control needs no curvature, unless the box held it: clipping the stationary point
     # of a concave step model does not minimize it
-    need = free if los is None else torch.ones_like(free)
+    need = torch.ones_like(free) if box else free
     ok = ~(need & (h_r <= 0)).any(-1)
     if soa and Fh is not None:
         Fh = Fh.permute(0, 3, 1, 2)
@@ -430,16 +437,7 @@ def _native_scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expecte
         bt(Ch), None if Fh is None else bt(Fh), n, first(lower), first(upper),
         None if lower is not None else first(free), reg, uu_floor)
     Kh, f, qu, h, h_r = (z.transpose(0, 1) for z in (Kh, f, qu, h, h_r))  # batch-first views
-    Kh = Kh.unsqueeze(2)  # [B, T, 1, n+1]
-    K, k = Kh[..., 1:], Kh[..., 0]
-    kk = k[..., 0]
-    dV = torch.stack([(kk * qu).sum(-1), 0.5 * (kk * h * kk).sum(-1)], -1) if expected else None
-    L = torch.where(f, h_r.clamp_min(0).sqrt(), 1.0)[..., None, None]
-    need = f if lower is None else torch.ones_like(f)
-    ok = ~(need & (h_r <= 0)).any(-1)
-    if soa and Fh is not None:
-        Fh = Fh.permute(0, 3, 1, 2)
-    return Gains(K, k, f.unsqueeze(-1), dV, ok, L, Fh)
+    return _scalar_gains(Kh, f, qu, h, h_r, lower is not None, expected, soa, Fh)
 
 
 def feedforward(gains: Gains, c: Tensor) -> Gains:

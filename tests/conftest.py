@@ -281,3 +281,31 @@ def recursion(request, monkeypatch):
     flag = request.param == "time_parallel"
     monkeypatch.setattr(dm.SolverOptions, "parallel_for", lambda self, x_init, T: flag)
     return request.param
+
+
+@pytest.fixture
+def one_control_case(make_problem):
+    """``one_control_case(mode, B, seed, bad) -> (prob, C, kw)``: a one-control problem (n = 4,
+    T = 7) whose sample ``bad`` has an indefinite control block at its last step, and the
+    ``riccati`` keywords of a mode: "plain", "box" (|u| <= 0.3), "fixed" (a random free set),
+    "box+reg", "reg+floor", "box+floor" (reg: random, zero for sample 0; floor 0.05)."""
+
+    def case(mode: str, B: int, seed: int, bad: int):
+        prob = make_problem(B, 7, 4, 1, seed=seed)
+        T = prob.sizes[1]
+        C = prob.C.clone()
+        C[bad, -1, -1, -1] = -0.5
+        g = torch.Generator().manual_seed(seed + 1)
+        kw = {}
+        if "box" in mode:
+            kw.update(lower=torch.full((B, T, 1), -0.3, dtype=torch.float64),
+                      upper=torch.full((B, T, 1), 0.3, dtype=torch.float64))
+        if mode == "fixed":
+            kw["free"] = torch.rand(B, T, 1, generator=g) > 0.3
+        if "reg" in mode:
+            kw["reg"] = torch.rand(B, generator=g, dtype=torch.float64) * (torch.arange(B) > 0)
+        if "floor" in mode:
+            kw["uu_floor"] = torch.full((B,), 0.05, dtype=torch.float64)
+        return prob, C, kw
+
+    return case

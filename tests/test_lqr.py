@@ -613,7 +613,8 @@ def test_matvec_pair_gradients_match_finite_differences():
 
 @pytest.mark.parametrize("storage", ["batch-first", "batch-last"])
 @pytest.mark.parametrize("mode", ["plain", "box", "fixed", "box+reg", "reg+floor", "box+floor"])
-def test_one_control_recursion_equals_the_general_one(make_problem, monkeypatch, mode, storage):
+def test_one_control_recursion_equals_the_general_one(one_control_case, monkeypatch, mode,
+                                                      storage):
     """``riccati`` takes a vector shortcut for one control; the general recursion (Cholesky
     factorizations, forced by not materializing Ch) must give the same gains in every mode,
     regularized and floored ones included, and flag the same indefinite control block. The
@@ -622,21 +623,7 @@ def test_one_control_recursion_equals_the_general_one(make_problem, monkeypatch,
     from diffmpc import lqr
 
     monkeypatch.setattr(lqr, "_SOA_MIN_BATCH", 1 if storage == "batch-last" else 10**9)
-    prob = make_problem(5, 7, 4, 1, seed=3)
-    B, T, n, m = prob.sizes
-    C = prob.C.clone()
-    C[0, -1, -1, -1] = -0.5  # an indefinite control block at the last step of sample 0
-    g = torch.Generator().manual_seed(4)
-    kw = {}
-    if "box" in mode:
-        kw.update(lower=torch.full((B, T, 1), -0.3, dtype=torch.float64),
-                  upper=torch.full((B, T, 1), 0.3, dtype=torch.float64))
-    if mode == "fixed":
-        kw["free"] = torch.rand(B, T, 1, generator=g) > 0.3
-    if "reg" in mode:
-        kw["reg"] = torch.rand(B, generator=g, dtype=torch.float64) * torch.tensor([0.0, 1, 1, 1, 1])
-    if "floor" in mode:
-        kw["uu_floor"] = torch.full((B,), 0.05, dtype=torch.float64)
+    prob, C, kw = one_control_case(mode, B=5, seed=3, bad=0)
     with warnings.catch_warnings():  # e.g. a workspace of the wrong shape, resized by torch
         warnings.simplefilter("error")
         fast = lqr.riccati(C, prob.c, prob.F, prob.f, **kw)

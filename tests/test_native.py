@@ -439,27 +439,13 @@ def test_homogeneous_dynamics_equal_pytorch(make_problem):
 @needs_native
 @pytest.mark.parametrize("storage", ["batch-first", "batch-last"])
 @pytest.mark.parametrize("mode", ["plain", "box", "fixed", "box+reg", "reg+floor", "box+floor"])
-def test_one_control_pass_equals_pytorch(make_problem, monkeypatch, mode, storage):
+def test_one_control_pass_equals_pytorch(one_control_case, monkeypatch, mode, storage):
     """The compiled one-control pass (nonlinear solves of one-control systems run it every
     iteration) against the same pass in PyTorch operations, in each of its modes, on a batch of
     9 (a full vector group and a partial one) stored batch-first or batch-last, with an
     indefinite control block."""
     monkeypatch.setattr(lqr, "_SOA_MIN_BATCH", 1 if storage == "batch-last" else 10**9)
-    prob = make_problem(9, 7, 4, 1, seed=8)
-    B, T, n, m = prob.sizes
-    C = prob.C.clone()
-    C[2, -1, -1, -1] = -0.5
-    g = torch.Generator().manual_seed(9)
-    kw = {}
-    if "box" in mode:
-        kw.update(lower=torch.full((B, T, 1), -0.3, dtype=torch.float64),
-                  upper=torch.full((B, T, 1), 0.3, dtype=torch.float64))
-    if mode == "fixed":
-        kw["free"] = torch.rand(B, T, 1, generator=g) > 0.3
-    if "reg" in mode:
-        kw["reg"] = torch.rand(B, generator=g, dtype=torch.float64) + 0.1
-    if "floor" in mode:
-        kw["uu_floor"] = torch.full((B,), 0.05, dtype=torch.float64)
+    prob, C, kw = one_control_case(mode, B=9, seed=8, bad=2)
     with torch.inference_mode():
         fast = _spied("scalar_riccati", lqr.riccati, C, prob.c, prob.F, prob.f, **kw)
         with native.enabled(False):

@@ -607,6 +607,21 @@ int NAME(diffmpc_homogeneous)(int64_t B, int64_t T1, int64_t n, int64_t p, const
  * Outputs, contiguous: Kh [T, B, n+1] ([k | K]), free [T, B] (bytes), qu, h, hr [T, B] (q_u,
  * the floored and the regularized curvature). Returns 0, or -1 if out of memory.
  */
+/* dst[i * cols + j] = the LANES numbers at (i, j) of the blocks P[0..LANES-1] (strides s[2],
+ * s[3]); adjacent: the lanes' blocks are interleaved (batch stride 1), one vector load each. */
+static void NAME(load_blocks)(VEC *dst, const REAL *const *P, int64_t rows, int64_t cols,
+                              const int64_t *s, int adjacent)
+{
+    for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j) {
+            const int64_t o = i * s[2] + j * s[3];
+            if (adjacent)
+                memcpy(&dst[i * cols + j], P[0] + o, sizeof(VEC));
+            else
+                dst[i * cols + j] = GATHER(P, o);
+        }
+}
+
 int NAME(diffmpc_scalar_riccati)(int64_t B, int64_t T, int64_t n, const REAL *Ch,
                                  const int64_t *sC, const REAL *Fh, const int64_t *sF,
                                  const REAL *lo, const int64_t *sl, const REAL *hi,
@@ -636,27 +651,11 @@ int NAME(diffmpc_scalar_riccati)(int64_t B, int64_t T, int64_t n, const REAL *Ch
                 Fl[s] = last ? NULL : Fh + b * sF[0] + t * sF[1];
             }
             /* batch-last storage and a full group: each vector is LANES adjacent numbers */
-            const int cvec = lanes == LANES && sC[0] == 1, fvec = lanes == LANES && !last
-                                                                && sF[0] == 1;
-            for (int64_t i = 0; i < ph; ++i)
-                for (int64_t j = 0; j < ph; ++j) {
-                    const int64_t o = i * sC[2] + j * sC[3];
-                    if (cvec)
-                        memcpy(&Cv[i * ph + j], Cl[0] + o, sizeof(VEC));
-                    else
-                        Cv[i * ph + j] = GATHER(Cl, o);
-                }
+            NAME(load_blocks)(Cv, Cl, ph, ph, sC, lanes == LANES && sC[0] == 1);
             for (int64_t i = 0; i < ph * ph; ++i)
                 Q[i] = Cv[i];
             if (!last) {
-                for (int64_t k = 0; k < nh; ++k)
-                    for (int64_t j = 0; j < ph; ++j) {
-                        const int64_t o = k * sF[2] + j * sF[3];
-                        if (fvec)
-                            memcpy(&Fv[k * ph + j], Fl[0] + o, sizeof(VEC));
-                        else
-                            Fv[k * ph + j] = GATHER(Fl, o);
-                    }
+                NAME(load_blocks)(Fv, Fl, nh, ph, sF, lanes == LANES && sF[0] == 1);
                 /* W = Vh Fh, then Q += Fh' W (Vh as the PyTorch pass forms it) */
                 for (int64_t i = 0; i < nh; ++i)
                     for (int64_t j = 0; j < ph; ++j) {
