@@ -11,11 +11,12 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from diffmpc import native
     from diffmpc.agents.demo import demo_rows, format_table
 
     torch.set_num_threads(args.threads)
     print(f"diffmpc solver demo: batch {args.batch}, horizon {args.horizon}, float64, "
-          f"{args.threads} thread(s)", flush=True)
+          f"{args.threads} thread(s), native kernels: {native.status()}", flush=True)
     print(format_table(demo_rows(args.batch, args.horizon)))
     return 0
 
