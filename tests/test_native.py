@@ -451,3 +451,38 @@ def test_one_control_pass_equals_pytorch(one_control_case, monkeypatch, mode, st
         with native.enabled(False):
             ref = lqr.riccati(C, prob.c, prob.F, prob.f, **kw)
     _assert_same(fast, ref)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", range(12))
+def test_public_solve_and_gradients_equal_pytorch_on_random_shapes(make_problem, seed, dtype):
+    """Through dm.MPC on random sizes (B 1-9, T 1-6, n 1-5, m 1-4, with and without bounds):
+    the solution, the objective and the implicit gradients into every input are those of the
+    PyTorch path (float32: to its precision)."""
+    import diffmpc as dm
+
+    g = torch.Generator().manual_seed(100 + seed)
+    B, T, n, m = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in
+                  ((1, 10), (1, 7), (1, 6), (1, 5)))
+    box = seed % 2 == 1
+    prob = make_problem(B, T, n, m, seed=seed)
+    W = torch.randn(B, T, m, generator=g, dtype=torch.float64).to(dtype)
+    out = []
+    for on in (True, False):
+        with native.enabled(on):
+            leaves = [t.to(dtype).clone().requires_grad_(True)
+                      for t in (prob.x_init, prob.C, prob.c, prob.F, prob.f)]
+            x0, C, c, F, f = leaves
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            mpc = dm.MPC(n, m, T, -0.3 if box else None, 0.3 if box else None, tol=tol,
+                         max_iter=100)
+            sol = mpc(x0, dm.QuadCost(C, c), dm.LinearDynamics(F, f))
+            ((sol.u * W).sum() + sol.objective.sum()).backward()
+            out.append([sol.u.detach(), sol.objective.detach(), sol.converged]
+                       + [t.grad for t in leaves])
+    assert bool(out[0][2].all()) and torch.equal(out[0][2], out[1][2])
+    close = ({"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64
+             else {"rtol": 2e-4, "atol": 2e-4})
+    for a, b in zip(out[0][:2] + out[0][3:], out[1][:2] + out[1][3:], strict=True):
+        torch.testing.assert_close(a, b, **close)
