@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_tensor", "check_finite", "positive_definite", "as_bound"]
+__all__ = ["check_tensor", "check_finite", "nonfinite", "positive_definite", "as_bound"]
 
 
 def _fail(name: str, expected: str, got: str) -> None:
@@ -53,9 +53,14 @@ def check_finite(name: str, t: Tensor, summary: Tensor | None = None) -> None:
     s = t.detach().sum() if summary is None else summary
     if bool(torch.isfinite(s).all()):
         return
-    bad = int((~torch.isfinite(t.detach())).sum())
-    if bad:
-        _fail(name, "finite values", f"{bad} NaN or inf entries")
+    nonfinite(name, int((~torch.isfinite(t.detach())).sum()))
+
+
+def nonfinite(name: str, count: int) -> None:
+    """Raise the error of ``check_finite`` if ``count`` (NaN or infinite entries of ``name``)
+    is not zero."""
+    if count:
+        _fail(name, "finite values", f"{count} NaN or inf entries")
 
 
 # blocks of up to _PD_VECTOR_MAX rows, at least _PD_VECTOR_MIN of them, are tested by a

@@ -390,10 +390,11 @@ class TrajCost:
                     z = torch.add(c, tau @ C, alpha=0.5)
                 return (z * tau if z.requires_grad else z.mul_(tau)).sum(-1)
             if tau.dim() == 3:
-                if native.blocks(self.C, self.c, tau):  # one pass, where no grad is recorded
+                if native.blocks(self.C.detach(), self.c.detach(), tau.detach()):  # one pass
+                    if torch.is_grad_enabled() and any(
+                            t.requires_grad for t in (self.C, self.c, tau)):
+                        return _QuadValue.apply(self.C, self.c, tau)[0]
                     return native.quad_value(self.C, self.c, tau)
-                if native.blocks(self.C.detach(), self.c.detach(), tau.detach()):
-                    return _QuadValue.apply(self.C, self.c, tau)[0]
                 return (0.5 * matvec(self.C, tau, sym=True) + self.c).mul(tau).sum(-1)
             extra = tau.shape[:-3]  # leading dims beyond [B, T] (e.g. line-search steps)
             t = tau.reshape(-1, *tau.shape[-3:]).permute(1, 2, 0, 3)  # [B, T, k, p]

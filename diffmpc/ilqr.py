@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from diffmpc import native
-from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues
+from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues, matvec
 from diffmpc.lqr import (
     Gains,
+    compiled_pass,
     costate,
     homogeneous_cost,
     homogeneous_dynamics,
@@ -483,13 +484,6 @@ def _grad_u(cost: TrajCost, Fh: Tensor | None, x: Tensor, u: Tensor,
     return gu, g
 
 
-def _times(A: Tensor, v: Tensor) -> Tensor:
-    """``A v`` ``[B, T, r]`` for ``A [B, T, r, k]`` (a view) and ``v [B, T, k]``."""
-    if native.blocks(A, v):
-        return native.matvec(A, v)
-    return (A @ v.unsqueeze(-1)).squeeze(-1)
-
-
 def _dual_tol(g: Tensor, power: float = 0.5) -> Tensor:
     """``[B]`` tolerance on the Lagrangian's gradient: ``eps ** power`` relative to the largest
     cost gradient ``g [B, T, p]``."""
@@ -554,9 +548,8 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     # and dynamics: built once, the linear terms and offsets rewritten for each pass (no reader
     # of an earlier pass's Fh uses its offsets)
     Ch = Fh = None
-    # the compiled pass (several controls on a CPU) reads C and the linear terms in place
-    keep_ch = reusable_cost(cost.C) and not (m > 1 and not parallel
-                                             and native.handles(cost.C, cost.c))
+    # the compiled pass reads C and the linear terms in place
+    keep_ch = reusable_cost(cost.C) and not compiled_pass(cost.C, cost.c, n, parallel)
     # stored as riccati stores them: batch-last for one control on a CPU batch (no copy per
     # pass); rewritten through their time-major views
     bl = keep_ch and stores_batch_last(cost.C, n, parallel, True)
@@ -572,8 +565,8 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         free = ~(h_lo | h_hi)
         val = torch.where(h_lo, lo, torch.where(h_hi, hi, torch.zeros_like(lo)))
         # tau = tau' + [0; val]: the held controls move into the linear terms and offsets
-        c_eff = c_sub.c + _times(c_sub.C[..., n:], val)
-        d_eff = d_sub.f + _times(d_sub.F[..., n:], val[:, :-1])
+        c_eff = c_sub.c + matvec(c_sub.C[..., n:], val)
+        d_eff = d_sub.f + matvec(d_sub.F[..., n:], val[:, :-1])
         if whole:
             if Ch is None and keep_ch:
                 Ch = homogeneous_cost(cost.C, c_eff, batch_last=bl)

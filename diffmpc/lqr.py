@@ -22,7 +22,8 @@ from diffmpc import native
 from diffmpc.boxqp import box_qp, free_masks, masked_cholesky
 from diffmpc.parallel import affine_suffix, gains_from_values, prefix_products, value_scan
 
-__all__ = ["Gains", "riccati", "feedforward", "rollout_affine", "costate", "time_major"]
+__all__ = ["Gains", "compiled_pass", "riccati", "feedforward", "rollout_affine", "costate",
+           "time_major"]
 
 _CH_MAX_BYTES = 2**24  # riccati materializes Ch up to this size (16 MB)
 _SOA_MIN_BATCH = 16  # one-control passes on a CPU store their steps batch-last from this batch
@@ -161,6 +162,13 @@ def homogeneous_dynamics(F: Tensor, d: Tensor | None, batch_last: bool = False) 
     return store
 
 
+def compiled_pass(C: Tensor, c: Tensor, n: int, parallel: bool = False) -> bool:
+    """Whether ``riccati``'s fixed-set and unconstrained passes on the cost ``(C, c)`` run compiled
+    (``diffmpc.native.riccati``): several controls, a sequential pass, and tensors the kernels
+    take. Such a pass reads C and c in place; a homogeneous cost would be a wasted copy."""
+    return C.shape[-1] - n > 1 and not parallel and native.handles(C, c)
+
+
 def riccati(
     C: Tensor,
     c: Tensor,
@@ -229,9 +237,8 @@ def riccati(
     if batch_last and not soa:
         raise ValueError("riccati: batch_last=True needs a pass that stores its steps batch-last "
                          "(stores_batch_last), got one that does not")
-    # several controls on a CPU, fixed-set or unconstrained: the compiled pass (diffmpc.native)
-    use_native = (p - n > 1 and not parallel and lower is None and uu_floor is None
-                  and (reg is None or not bool(reg.any())) and native.handles(C, c, F, d, Fh, Ch))
+    use_native = (compiled_pass(C, c, n, parallel) and lower is None and uu_floor is None
+                  and (reg is None or not bool(reg.any())) and native.handles(C, F, d, Fh, Ch))
     if Fh is None and T > 1:
         Fh = homogeneous_dynamics(F, d, batch_last=soa)
     elif soa and Fh is not None and not batch_last:

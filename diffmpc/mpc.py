@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from diffmpc import native
-from diffmpc.checks import _fail, as_bound, check_finite, check_tensor, positive_definite
+from diffmpc.checks import as_bound, check_finite, check_tensor, nonfinite, positive_definite
 from diffmpc.cost import QuadCost
 from diffmpc.dynamics import LinearDynamics
 from diffmpc.expand import TrajCost, TrajDynamics, clip_eigenvalues, matvec, matvec_pair
@@ -556,8 +556,7 @@ def _check_cost(cost, B, T, n, m, ref) -> None:
         blocks = _blocks(C, p)
         if blocks is not None and native.handles(blocks):  # all four checks in one pass
             bad, scale, asym, indefinite = native.check_cost(blocks, n)
-            if bad:
-                _fail("cost.C", "finite values", f"{bad} NaN or inf entries")
+            nonfinite("cost.C", bad)
             _check_symmetric(asym, scale)
             if indefinite:
                 _not_pd(indefinite)

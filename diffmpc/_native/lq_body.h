@@ -82,14 +82,12 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
     /* per group of LANES samples, kept across steps: V, v and the two sums of dV */
     const int64_t state = n * n + n + 2;
     const int64_t ph = p + 1;  /* Q and the products carry the linear terms as column p */
-    const int64_t count = groups * state + n * ph + n + p * ph + p + n * ph + m * m + m * nh + n
-                          + m + m;
+    const int64_t count = groups * state + n * ph + p * ph + p + n * ph + m * m + m * nh + m + m;
     VEC *buf = (VEC *)aligned_alloc(64, (size_t)((count * (int64_t)sizeof(VEC) + 63) / 64 * 64));
     if (buf == NULL)
         return -1;
-    VEC *W = buf + groups * state, *g = W + n * ph, *Q = g + n, *q = Q + p * ph;
-    VEC *Fv = q + p, *Lv = Fv + n * ph, *Y = Lv + m * m, *gd = Y + m * nh, *inv = gd + n;
-    VEC *y = inv + m;
+    VEC *W = buf + groups * state, *Q = W + n * ph, *q = Q + p * ph;
+    VEC *Fv = q + p, *Lv = Fv + n * ph, *Y = Lv + m * m, *inv = Y + m * nh, *y = inv + m;
     const VEC zero = {0};
     for (int64_t i = 0; i < groups * state; ++i)
         buf[i] = zero;
