@@ -33,8 +33,10 @@ from diffmpc.lqr import (
     Gains,
     compiled_pass,
     costate,
+    held_pass,
     homogeneous_cost,
     homogeneous_dynamics,
+    multipliers,
     reusable_cost,
     riccati,
     rollout_affine,
@@ -522,6 +524,11 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     Samples still changing after ``max_iter`` passes (each counts as an iteration) are left to
     box-DDP.
 
+    Where the pass runs compiled (``lqr.compiled_pass``), it holds the controls at their values
+    itself (``lqr.held_pass``: no linear terms and offsets rewritten per pass) and the control
+    rows of its Q give the multipliers (``lqr.multipliers``: no costate pass); the tolerance's
+    scale is then the cost gradient at the first pass's solution.
+
     Args:
         u0: ``[B, T, m]`` initial controls in the box; the first active set is the controls at a
             bound.
@@ -548,8 +555,14 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
     # and dynamics: built once, the linear terms and offsets rewritten for each pass (no reader
     # of an earlier pass's Fh uses its offsets)
     Ch = Fh = None
-    # the compiled pass reads C and the linear terms in place
-    keep_ch = reusable_cost(cost.C) and not compiled_pass(cost.C, cost.c, n, parallel)
+    # compiled: each pass holds the controls at their values itself (no rewritten linear terms)
+    # and returns the control rows of its Q, whose product with the solution gives the
+    # multipliers (no costate pass); the tolerance's scale is the first pass's cost gradient
+    compiled = compiled_pass(cost.C, cost.c, n, parallel)
+    tol_all = None
+    if compiled and T > 1:
+        Fh = homogeneous_dynamics(dyn.F, dyn.f)
+    keep_ch = reusable_cost(cost.C) and not compiled
     # stored as riccati stores them: batch-last for one control on a CPU batch (no copy per
     # pass); rewritten through their time-major views
     bl = keep_ch and stores_batch_last(cost.C, n, parallel, True)
@@ -560,32 +573,44 @@ def _active_set_lq(x_init: Tensor, cost: TrajCost, dyn: TrajDynamics, u0: Tensor
         # for the others
         whole = 2 * act.numel() > B
         sub = (lambda z: z) if whole else _take(act)
-        c_sub, d_sub = (cost, dyn) if whole else (cost.subset(act), dyn.subset(act))
+        c_sub = cost if whole else cost.subset(act)
         lo, hi, h_lo, h_hi = sub(lower), sub(upper), sub(held_lo), sub(held_hi)
         free = ~(h_lo | h_hi)
         val = torch.where(h_lo, lo, torch.where(h_hi, hi, torch.zeros_like(lo)))
-        # tau = tau' + [0; val]: the held controls move into the linear terms and offsets
-        c_eff = c_sub.c + matvec(c_sub.C[..., n:], val)
-        d_eff = d_sub.f + matvec(d_sub.F[..., n:], val[:, :-1])
-        if whole:
-            if Ch is None and keep_ch:
-                Ch = homogeneous_cost(cost.C, c_eff, batch_last=bl)
-            elif Ch is not None:
-                tm(Ch)[..., 0, 1:] = tm(Ch)[..., 1:, 0] = c_eff.transpose(0, 1)
-            if Fh is None and T > 1:
-                Fh = homogeneous_dynamics(dyn.F, d_eff, batch_last=bl)
-            elif Fh is not None:
-                tm(Fh)[..., 1:, 0] = d_eff.transpose(0, 1)
-        gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free, expected=False,
-                        Fh=Fh if whole else None, Ch=Ch if whole else None, parallel=parallel,
-                        batch_last=bl and whole)
-        xs, us = rollout_affine(gains, sub(x_init))
-        us = torch.where(free, us, val)
-        gu, g = _grad_u(c_sub, gains.Fh, xs, us, parallel, gains.V)
-        tol = _dual_tol(g, 0.75)[:, None, None]
-        new_lo = torch.where(free, us < lo, h_lo & (gu >= -tol)) | sub(pinned)
-        new_hi = torch.where(free, us > hi, h_hi & (gu <= tol)) & ~new_lo
-        done = ((new_lo == h_lo) & (new_hi == h_hi)).flatten(1).all(-1) & gains.ok
+        if compiled:
+            Fs = Fh if whole or Fh is None else Fh[:, act]
+            gains, Qu = held_pass(c_sub.C, c_sub.c, Fs, free, val)
+            xs, us = rollout_affine(gains, sub(x_init))
+            gu = multipliers(Qu, xs, us)
+            if tol_all is None:  # the first pass covers the whole batch
+                tol_all = _dual_tol(cost.quadratize(xs, us)[1], 0.75)
+            tol = sub(tol_all)[:, None, None]
+        else:
+            # tau = tau' + [0; val]: the held controls move into the linear terms and offsets
+            d_sub = dyn if whole else dyn.subset(act)
+            c_eff = c_sub.c + matvec(c_sub.C[..., n:], val)
+            d_eff = d_sub.f + matvec(d_sub.F[..., n:], val[:, :-1])
+            if whole:
+                if Ch is None and keep_ch:
+                    Ch = homogeneous_cost(cost.C, c_eff, batch_last=bl)
+                elif Ch is not None:
+                    tm(Ch)[..., 0, 1:] = tm(Ch)[..., 1:, 0] = c_eff.transpose(0, 1)
+                if Fh is None and T > 1:
+                    Fh = homogeneous_dynamics(dyn.F, d_eff, batch_last=bl)
+                elif Fh is not None:
+                    tm(Fh)[..., 1:, 0] = d_eff.transpose(0, 1)
+            gains = riccati(c_sub.C, c_eff, d_sub.F, d_eff, free=free, expected=False,
+                            Fh=Fh if whole else None, Ch=Ch if whole else None,
+                            parallel=parallel, batch_last=bl and whole)
+            xs, us = rollout_affine(gains, sub(x_init))
+            us = torch.where(free, us, val)
+            gu, g = _grad_u(c_sub, gains.Fh, xs, us, parallel, gains.V)
+            tol = _dual_tol(g, 0.75)[:, None, None]
+        # (logical operations and a count: on bool tensors torch.where and any/all cost five to
+        # ten times as much on a CPU)
+        new_lo = (free & (us < lo)) | (h_lo & (gu >= -tol)) | sub(pinned)
+        new_hi = ((free & (us > hi)) | (h_hi & (gu <= tol))) & ~new_lo
+        done = ((new_lo ^ h_lo) | (new_hi ^ h_hi)).flatten(1).sum(-1).eq(0) & gains.ok
         # the active samples' part of the pass
         mine = _take(act) if whole and act.numel() < B else (lambda z: z)
         xs, us, new_lo, new_hi, done, ok = (mine(z) for z in (xs, us, new_lo, new_hi, done,

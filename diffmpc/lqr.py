@@ -22,8 +22,8 @@ from diffmpc import native
 from diffmpc.boxqp import box_qp, free_masks, masked_cholesky
 from diffmpc.parallel import affine_suffix, gains_from_values, prefix_products, value_scan
 
-__all__ = ["Gains", "compiled_pass", "riccati", "feedforward", "rollout_affine", "costate",
-           "time_major"]
+__all__ = ["Gains", "compiled_pass", "riccati", "held_pass", "multipliers", "feedforward",
+           "rollout_affine", "costate", "time_major"]
 
 _CH_MAX_BYTES = 2**24  # riccati materializes Ch up to this size (16 MB)
 _SOA_MIN_BATCH = 16  # one-control passes on a CPU store their steps batch-last from this batch
@@ -304,12 +304,43 @@ def _native_riccati(C, c, Ch, Fh, free, n, expected) -> Gains:
     if Ch is not None:
         Cb = Ch.transpose(0, 1)
         C, c = Cb[..., 1:, 1:], Cb[..., 1:, 0]
-    Kh, L, info, dV = native.riccati(C, c, None if Fh is None else Fh.transpose(0, 1), free, n,
-                                     expected)
+    Kh, L, info, dV, _ = native.riccati(C, c, None if Fh is None else Fh.transpose(0, 1), free,
+                                        n, expected)
     Kh, L = Kh.transpose(0, 1), L.transpose(0, 1)
     if free is None:
         free = torch.ones(Kh.shape[:3], dtype=torch.bool, device=C.device)
     return Gains(Kh[..., 1:], Kh[..., 0], free, dV, (info == 0).all(0), L, Fh)
+
+
+def held_pass(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor, held: Tensor
+              ) -> tuple[Gains, Tensor]:
+    """A compiled fixed-set pass (``compiled_pass`` must hold) whose held controls sit at the
+    values ``held [B, T, m]`` (``~free``; the free entries are ignored) rather than at zero.
+
+    Args:
+        C, c: the cost ``[B, T, p, p]``, ``[B, T, p]`` (absolute coordinates, tau = 0).
+        Fh: ``[T-1, B, n+1, p+1]`` homogeneous dynamics with their offsets, or None if T = 1.
+        free: ``[B, T, m]`` bool.
+        held: ``[B, T, m]``.
+
+    Returns:
+        The gains, whose ``k`` rows of the held controls are their values (``rollout_affine``
+        gives every control), and the control rows of each step's ``[Q | q]`` (in the kernel's
+        storage), for ``multipliers``.
+    """
+    n = C.shape[-1] - free.shape[-1]
+    Kh, L, info, _, Qu = native.riccati(C, c, None if Fh is None else Fh.transpose(0, 1), free,
+                                        n, False, held=held, rows=True)
+    Kh, L = Kh.transpose(0, 1), L.transpose(0, 1)
+    return Gains(Kh[..., 1:], Kh[..., 0], free, None, (info == 0).all(0), L, Fh), Qu
+
+
+def multipliers(Qu: Tensor, x: Tensor, u: Tensor) -> Tensor:
+    """``[B, T, m]``: the gradient of the Lagrangian in u along ``held_pass``'s solution (x, u),
+    ``Q_u,t [x_t; u_t] + q_u,t`` with the pass's rows ``Qu`` (the costate is the gradient of
+    the value function): zero on the free controls up to rounding, the bounds' multipliers on
+    the held ones."""
+    return native.multipliers(Qu, x, u)
 
 
 def _parallel_riccati(Ch, Fh, n, free, expected) -> Gains | None:

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "enabled", "riccati", "rollout", "costate", "feedforward",
-           "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
+__all__ = ["available", "status", "enabled", "riccati", "multipliers", "rollout", "costate",
+           "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
            "homogeneous", "scalar_riccati"]
 
 _SOURCES = ("lq.c", "lq_body.h")
@@ -106,7 +106,8 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    signatures = {"riccati": [i64] * 4 + [ptr] * 12,
+    signatures = {"riccati": [i64] * 4 + [ptr] * 15,
+                  "multipliers": [i64] * 4 + [ptr] * 6,
                   "rollout": [i64] * 4 + [ptr] * 8 + [ctypes.c_int, ptr, ptr],
                   "costate": [i64] * 3 + [ptr] * 5,
                   "feedforward": [i64] * 4 + [ptr] * 11,
@@ -122,6 +123,8 @@ def _build() -> ctypes.CDLL:
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
             fn.argtypes = args
             fn.restype = ctypes.c_int
+    lib.diffmpc_lanes.argtypes = []
+    lib.diffmpc_lanes.restype = ctypes.c_int
     return lib
 
 
@@ -199,7 +202,8 @@ def _bool(free: Tensor | None) -> None:
 
 
 def riccati(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor | None, n: int,
-            expected: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+            expected: bool, held: Tensor | None = None, rows: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The native Riccati pass (see ``_native/lq_body.h``).
 
     Args:
@@ -208,23 +212,43 @@ def riccati(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor | None, n: int
         free: ``[B, T, m]`` bool view, or None (all free).
         n: state size.
         expected: compute dV.
+        held: ``[B, T, m]`` view, the values of the held controls (``~free``), or None (held at
+            zero); their rows of k are these values.
+        rows: also return Qu, the control rows of ``[Q | q]`` (before the held terms move), as
+            the kernel stores them: ``[T, groups, m, p+1, lanes]`` (``multipliers`` reads them).
 
     Returns:
-        Kh ``[T, B, m, n+1]``, L ``[T, B, m, m]``, info ``[T, B]`` (int32), dV ``[B, 2]`` or None.
+        Kh ``[T, B, m, n+1]``, L ``[T, B, m, m]``, info ``[T, B]`` (int32), dV ``[B, 2]`` or None,
+        Qu or None.
     """
     B, T, p = C.shape[0], C.shape[1], C.shape[-1]
     m = p - n
     _bool(free)
+    if held is not None and free is None:
+        raise ValueError("held: expected None where free is None (nothing is held), got a tensor")
     Kh = C.new_empty(T, B, m, n + 1)
     L = C.new_empty(T, B, m, m)
     info = torch.empty(T, B, dtype=torch.int32)
     dV = C.new_empty(B, 2) if expected else None
+    lanes = _load().diffmpc_lanes()
+    Qu = C.new_empty(T, (B + lanes - 1) // lanes, m, p + 1, lanes) if rows else None
     rc = _kernel("riccati", C.dtype)(B, T, n, m, *_view(C), *_view(c), *_view(Fh), *_view(free),
                                      Kh.data_ptr(), L.data_ptr(), info.data_ptr(),
-                                     None if dV is None else dV.data_ptr())
+                                     None if dV is None else dV.data_ptr(), *_view(held),
+                                     None if Qu is None else Qu.data_ptr())
     if rc != 0:
         raise MemoryError("diffmpc.native.riccati: out of memory")
-    return Kh, L, info, dV
+    return Kh, L, info, dV, Qu
+
+
+def multipliers(Qu: Tensor, x: Tensor, u: Tensor) -> Tensor:
+    """``Qu_t [x_t; u_t; 1]`` ``[B, T, m]`` for the rows ``Qu`` of ``riccati(..., rows=True)`` and
+    x ``[B, T, n]``, u ``[B, T, m]`` (views)."""
+    B, T, m = u.shape
+    gu = u.new_empty(B, T, m)
+    _kernel("multipliers", u.dtype)(B, T, x.shape[-1], m, Qu.data_ptr(), *_view(x), *_view(u),
+                                    gu.data_ptr())
+    return gu
 
 
 def rollout(K: Tensor, k: Tensor, Fh: Tensor | None, x0: Tensor, offsets: bool

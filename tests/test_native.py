@@ -98,6 +98,54 @@ def test_fixed_set_gains_equal_pytorch(make_problem, seed):
 
 
 @needs_native
+@pytest.mark.parametrize("B,T,n,m,dtype", [(6, 8, 4, 3, torch.float64), (11, 5, 3, 2, torch.float64),
+                                           (9, 7, 5, 4, torch.float32)])
+def test_held_values_and_multipliers_equal_pytorch(make_problem, B, T, n, m, dtype):
+    """``lqr.held_pass`` (held controls at given values, not zero) against PyTorch: the same
+    problem with the held values moved into c and f (``c + C[:, :, n:] val``, ``f + F[:, :, n:]
+    val``) by the PyTorch pass; and ``lqr.multipliers`` against the Lagrangian's gradient in u
+    from the PyTorch costate, ``C_u tau + c_u + F_u' lam``: zero on the free controls, the
+    bounds' multipliers on the held ones. Partly filled lane groups, a step where every control
+    is held and a sample where none is."""
+    prob = make_problem(B, T, n, m, seed=B)
+    C, c, F, f = (t.to(dtype) for t in (prob.C, prob.c, prob.F, prob.f))
+    x0 = prob.x_init.to(dtype)
+    g = torch.Generator().manual_seed(B)
+    free = torch.rand(B, T, m, generator=g) > 0.5
+    free[0, 2] = False
+    free[1] = True
+    held = torch.where(free, 0.0, torch.randn(B, T, m, generator=g, dtype=torch.float64)).to(dtype)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        Fh = lqr.homogeneous_dynamics(F, f)
+        fast, Qu = lqr.held_pass(C, c, Fh, free, held)
+        x, u = lqr.rollout_affine(fast, x0)
+        with native.enabled(False):
+            c_eff = c + (C[..., n:] @ held.unsqueeze(-1)).squeeze(-1)
+            f_eff = f + (F[..., n:] @ held[:, :-1].unsqueeze(-1)).squeeze(-1)
+            ref = lqr.riccati(C, c_eff, F, f_eff, free=free, expected=False)
+            xr, ur = lqr.rollout_affine(ref, x0)
+            ur = torch.where(free, ur, held)
+            gx_gu = (C @ torch.cat([xr, ur], -1).unsqueeze(-1)).squeeze(-1) + c
+            lam = lqr.costate(gx_gu[..., :n], lqr.time_major(F[..., :n]))
+            gu = gx_gu[..., n:].clone()
+            gu[:, :-1] += (F[..., n:].mT @ lam[:, 1:].unsqueeze(-1)).squeeze(-1)
+        gu_fast = lqr.multipliers(Qu, x, u)
+    assert torch.equal(fast.ok, ref.ok) and bool(fast.ok.all())
+    torch.testing.assert_close(fast.K, ref.K, **tol)
+    torch.testing.assert_close(fast.L, ref.L, **tol)
+    torch.testing.assert_close(fast.k[free], ref.k[free], **tol)
+    assert torch.equal(fast.k[~free], held[~free])  # the held rows carry the values
+    assert torch.equal(u[~free], held[~free])
+    torch.testing.assert_close(x, xr, **tol)
+    torch.testing.assert_close(u, ur, **tol)
+    scale = 1.0 + gx_gu.abs().amax()
+    torch.testing.assert_close(gu_fast / scale, gu / scale, **tol)
+    assert float(gu[free].abs().amax() / scale) < (1e-12 if dtype == torch.float64 else 1e-5)
+    assert float(gu[~free].abs().amax() / scale) > 1e-3  # multipliers, not zeros
+
+
+@needs_native
 def test_strided_broadcast_and_homogeneous_operands(make_problem):
     """A cost shared by every sample and step (stride 0), non-contiguous linear terms, free
     sets given as a view, and the homogeneous cost and dynamics that the active-set passes

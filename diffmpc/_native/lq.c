@@ -17,6 +17,9 @@
 #define GATHER(P, o) ((VEC){(P)[0][o], (P)[1][o], (P)[2][o], (P)[3][o]})
 #endif
 
+/* the samples per vector of this build (diffmpc_riccati's Qu is stored in groups of them) */
+int diffmpc_lanes(void) { return LANES; }
+
 #define REAL double
 #define VEC vec_f64
 #define NAME(x) x##_f64

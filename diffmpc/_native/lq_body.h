@@ -72,22 +72,33 @@ static void NAME(gemm)(int64_t M, int64_t N, int64_t K, const VEC *A, int64_t ar
  * of Q_uu restricted to the free controls, identity elsewhere), info [T, B] (0: positive
  * definite; 1: not, and the factor's pivot was replaced by 1 to go on), dV [B, 2] or NULL
  * (sum_t k_t' q_u,t and 1/2 sum_t k_t' Q_uu,t k_t). Returns 0, or -1 if out of memory.
+ *
+ * Held values (fr and hv given): the held controls are fixed at hv (shv as sc; the free ones'
+ * entries, multiplied by zero, must be finite) instead of at zero. Their terms move into the linear terms of each step,
+ * q += Q[:, held] hv (the same as c += C[:, held] hv and d += F[:, held] hv), and their rows of
+ * k are hv, so that u_t = K_t x_t + k_t holds for every control. Qu, or NULL: the control rows
+ * of [Q | q] before the held terms move (with C, c and the offsets d), stored as vectors of
+ * LANES samples, [T, groups, m, p+1, LANES]: along the solution, Qu_t [tau_t; 1] is the gradient
+ * of the Lagrangian in u_t (the costate is the gradient of the value function), the bounds'
+ * multipliers on the held controls (diffmpc_multipliers).
  */
 int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
                           const REAL *C, const int64_t *sC, const REAL *c, const int64_t *sc,
                           const REAL *Fh, const int64_t *sF, const uint8_t *fr,
-                          const int64_t *sfr, REAL *Kh, REAL *L, int32_t *info, REAL *dV)
+                          const int64_t *sfr, REAL *Kh, REAL *L, int32_t *info, REAL *dV,
+                          const REAL *hv, const int64_t *shv, REAL *Qu)
 {
     const int64_t p = n + m, nh = n + 1, groups = (B + LANES - 1) / LANES;
     /* per group of LANES samples, kept across steps: V, v and the two sums of dV */
     const int64_t state = n * n + n + 2;
     const int64_t ph = p + 1;  /* Q and the products carry the linear terms as column p */
-    const int64_t count = groups * state + n * ph + p * ph + p + n * ph + m * m + m * nh + m + m;
+    const int64_t count = groups * state + n * ph + p * ph + p + n * ph + m * m + m * nh + 4 * m;
     VEC *buf = (VEC *)aligned_alloc(64, (size_t)((count * (int64_t)sizeof(VEC) + 63) / 64 * 64));
     if (buf == NULL)
         return -1;
     VEC *W = buf + groups * state, *Q = W + n * ph, *q = Q + p * ph;
     VEC *Fv = q + p, *Lv = Fv + n * ph, *Y = Lv + m * m, *inv = Y + m * nh, *y = inv + m;
+    VEC *held = y + m, *hval = held + m;  /* held controls (1 or 0 per lane) and their values */
     const VEC zero = {0};
     for (int64_t i = 0; i < groups * state; ++i)
         buf[i] = zero;
@@ -131,21 +142,44 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
             }
             for (int64_t i = 0; i < p; ++i)
                 q[i] = Q[i * ph + p];
-            if (fr != NULL) {  /* held controls: identity rows of Q_uu, zero rows of [q_u | Q_ux] */
+            if (Qu != NULL) {
+                VEC *Qt = (VEC *)Qu + (t * groups + b0 / LANES) * m * ph;
+                for (int64_t a = 0; a < m * ph; ++a)
+                    Qt[a] = Q[n * ph + a];
+            }
+            if (fr != NULL) {
+                /* the held controls (1 in their lanes, 0 where free) and their values (zero
+                 * where free), built in registers */
+                const uint8_t *fl[LANES];
+                const REAL *hl[LANES];
                 for (int s = 0; s < LANES; ++s) {
                     const int64_t b = b0 + (s < lanes ? s : lanes - 1);
-                    const uint8_t *ft = fr + b * sfr[0] + t * sfr[1];
-                    for (int64_t a = 0; a < m; ++a) {
-                        if (ft[a * sfr[2]])
-                            continue;
-                        const int64_t ra = (n + a) * ph;
-                        for (int64_t j = 0; j < p; ++j)
-                            Q[ra + j][s] = 0;
-                        for (int64_t j = n; j < p; ++j)
-                            Q[j * ph + n + a][s] = 0;
-                        Q[ra + n + a][s] = 1;
-                        q[n + a][s] = 0;
-                    }
+                    fl[s] = fr + b * sfr[0] + t * sfr[1];
+                    hl[s] = hv == NULL ? NULL : hv + b * shv[0] + t * shv[1];
+                }
+                int any = 0;
+                for (int64_t a = 0; a < m; ++a) {
+                    const VEC h = 1 - GATHER(fl, a * sfr[2]);
+                    held[a] = h;
+                    hval[a] = hv == NULL ? zero : h * GATHER(hl, a * shv[2]);
+                    for (int s = 0; s < LANES; ++s)
+                        any |= h[s] != 0;
+                }
+                if (hv != NULL && any)  /* q += Q[:, held] hv, from the full Q */
+                    for (int64_t a = 0; a < m; ++a)
+                        for (int64_t i = 0; i < p; ++i)
+                            q[i] += Q[i * ph + n + a] * hval[a];
+                /* held controls: identity rows of Q_uu, zero rows of [q_u | Q_ux] (a product
+                 * by 1 leaves the free lanes as they are) */
+                for (int64_t a = 0; a < m && any; ++a) {
+                    const VEC h = held[a], keep = 1 - h;
+                    const int64_t ra = (n + a) * ph;
+                    for (int64_t j = 0; j < p; ++j)
+                        Q[ra + j] *= keep;
+                    for (int64_t j = n; j < p; ++j)
+                        Q[j * ph + n + a] *= keep;
+                    Q[ra + n + a] += h;
+                    q[n + a] *= keep;
                 }
             }
             /* Cholesky factor of Q_uu (lower) */
@@ -224,6 +258,10 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
                     for (int64_t j = 0; j < m; ++j)
                         Lt[i * m + j] = j <= i ? Lv[i * m + j][s] : 0;
                 info[tb] = bad[s];
+                if (hv != NULL)
+                    for (int64_t a = 0; a < m; ++a)
+                        if (held[a][s])
+                            Kt[a * nh] = hval[a][s];
             }
         }
     }
@@ -234,6 +272,45 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
             dV[b * 2 + 1] = dv[1][b % LANES];
         }
     free(buf);
+    return 0;
+}
+
+/* gu_t = Qu_t [x_t; u_t; 1] for B samples and T steps, Qu from diffmpc_riccati ([T, groups, m,
+ * n+m+1, LANES]); x: sx = {batch, time, entry}, u: su likewise. Output, contiguous: gu [B, T, m].
+ * Returns 0. */
+int NAME(diffmpc_multipliers)(int64_t B, int64_t T, int64_t n, int64_t m, const REAL *Qu,
+                              const REAL *x, const int64_t *sx, const REAL *u, const int64_t *su,
+                              REAL *gu)
+{
+    const int64_t p = n + m, ph = p + 1, groups = (B + LANES - 1) / LANES;
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
+            const int lanes = (int)(B - b0 < LANES ? B - b0 : LANES);
+            const VEC *Qt = (const VEC *)Qu + (t * groups + b0 / LANES) * m * ph;
+            const REAL *xl[LANES], *ul[LANES];
+            for (int s = 0; s < LANES; ++s) {
+                const int64_t b = b0 + (s < lanes ? s : lanes - 1);
+                xl[s] = x + b * sx[0] + t * sx[1];
+                ul[s] = u + b * su[0] + t * su[1];
+            }
+            VEC g[m], tau[p];
+            for (int64_t j = 0; j < n; ++j)
+                tau[j] = GATHER(xl, j * sx[2]);
+            for (int64_t j = 0; j < m; ++j)
+                tau[n + j] = GATHER(ul, j * su[2]);
+            for (int64_t a = 0; a < m; ++a) {
+                const VEC *row = Qt + a * ph;
+                VEC sum = row[p];
+                for (int64_t j = 0; j < p; ++j)
+                    sum += row[j] * tau[j];
+                g[a] = sum;
+            }
+            for (int s = 0; s < lanes; ++s) {
+                REAL *gs = gu + ((b0 + s) * T + t) * m;
+                for (int64_t a = 0; a < m; ++a)
+                    gs[a] = g[a][s];
+            }
+        }
     return 0;
 }
 
