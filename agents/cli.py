@@ -16,7 +16,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     print(f"diffmpc solver demo: batch {args.batch}, horizon {args.horizon}, float64, "
-          f"{args.threads} thread(s), native kernels: {native.status()}", flush=True)
+          f"{args.threads} thread(s), native kernels: {native.status()}"
+          f"{' (OpenMP)' if native.threaded() else ''}", flush=True)
     print(format_table(demo_rows(args.batch, args.horizon)))
     return 0
 

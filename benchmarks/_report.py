@@ -44,13 +44,13 @@ def clock(dev: torch.device) -> float:
 
 
 def device_name(dev: torch.device) -> str:
-    """``"CPU, N thread(s), native kernels on|off"`` (``diffmpc.native``) or the GPU's name, for
-    table headers."""
+    """``"CPU, N thread(s), native kernels on|off"`` (``diffmpc.native``; "on (one thread)" if
+    they were built without OpenMP) or the GPU's name, for table headers."""
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     from diffmpc import native
 
-    kernels = "on" if native.available() else "off"
+    kernels = "off" if not native.available() else "on" if native.threaded() else "on (one thread)"
     return f"CPU, {torch.get_num_threads()} thread(s), native kernels {kernels}"
 
 

@@ -10,6 +10,14 @@ with the system's C compiler (``$CC``, else ``cc``; under a second) into a cache
 (``$DIFFMPC_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffmpc``, else ``~/.cache/diffmpc``) and loaded
 with ctypes: no build step at install time, no Python headers.
 
+Each kernel splits its batch over ``torch.get_num_threads()`` threads (at least 16 samples each
+for the Riccati passes, 64 for the others) where the compiler has OpenMP (``threaded()``;
+``DIFFMPC_NATIVE_OPENMP=0`` builds without). The library then uses the OpenMP runtime that
+PyTorch has loaded, whose threads also run PyTorch's operations: a pool of its own would compete
+with them for the cores (PyTorch's idle threads spin for a while after each operation). Every
+sample is computed by the same arithmetic whatever the thread count: the results do not depend
+on it.
+
 The kernels run where ``handles`` says so: CPU tensors of float32 or float64, and no autograd
 recording through them (unrolled and double-backward gradients keep PyTorch operations). Where
 there is no compiler, or the build fails, or ``DIFFMPC_NATIVE=0`` is set, ``available()`` is
@@ -19,6 +27,7 @@ rounding). Nothing is printed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -32,16 +41,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "enabled", "riccati", "multipliers", "rollout", "costate",
-           "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
+__all__ = ["available", "threaded", "status", "enabled", "riccati", "multipliers", "rollout",
+           "costate", "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
            "homogeneous", "scalar_riccati"]
 
 _SOURCES = ("lq.c", "lq_body.h")
+_OFF = ("0", "false", "no", "off")
 _FLAGS = ("-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None  # why the library is not available; None before the first attempt
 _enabled = True  # switched by ``enabled`` (tests compare both paths)
+_threaded = False  # built with OpenMP
 
 
 def _cache_dir() -> Path:
@@ -67,57 +78,80 @@ def _cpu_key() -> str:
     return platform.machine() + platform.system() + flags
 
 
-def _build() -> ctypes.CDLL:
+def _compile(cc: str, flags: tuple[str, ...], version: str) -> Path:
+    """The library built from the sources with these flags: from the cache, else compiled into
+    it. A failed build leaves a marker, so that the next process does not try it again."""
     src = Path(__file__).with_name("_native")
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((src / name).read_bytes())
+    digest.update((cc + version + " ".join(flags) + _cpu_key()).encode())
+    name = f"lq-{digest.hexdigest()[:16]}.so"
+    out = _cache_dir() / name
+    if out.exists():
+        return out
+    if out.with_suffix(".failed").exists():
+        raise RuntimeError(out.with_suffix(".failed").read_text())
+    # build beside the target, then rename: concurrent processes (pytest -n) never load a
+    # half-written library; a cache directory that cannot be written gives way to the system's
+    # temporary directory
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    except OSError:
+        out = Path(tempfile.gettempdir()) / f"diffmpc-{os.getuid()}" / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *flags, "-o", tmp, str(src / "lq.c")],
+                             capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            reason = f"{cc} failed to compile {src / 'lq.c'}: {res.stderr.strip()[-2000:]}"
+            with contextlib.suppress(OSError):
+                out.with_suffix(".failed").write_text(reason)
+            raise RuntimeError(reason)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _build() -> ctypes.CDLL:
+    global _threaded
     cc = os.environ.get("CC", "cc")
     # the target CPU: this machine's by default (DIFFMPC_NATIVE_MARCH=x86-64-v3, for example,
     # builds for any AVX2 machine: four samples per vector instead of eight with AVX-512)
     flags = (f"-march={os.environ.get('DIFFMPC_NATIVE_MARCH', 'native')}",) + _FLAGS
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler found (tried {cc!r}; set CC to use another)")
-    digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update((src / name).read_bytes())
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
-    digest.update((cc + version.stdout + " ".join(flags) + _cpu_key()).encode())
-    name = f"lq-{digest.hexdigest()[:16]}.so"
-    out = _cache_dir() / name
-    if not out.exists():
-        # build beside the target, then rename: concurrent processes (pytest -n) never load a
-        # half-written library; a cache directory that cannot be written gives way to the
-        # system's temporary directory
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    lib = None
+    # threads by OpenMP where the compiler has it (DIFFMPC_NATIVE_OPENMP=0: never); the library
+    # then shares the OpenMP runtime PyTorch has loaded (the same soname), and its threads
+    if os.environ.get("DIFFMPC_NATIVE_OPENMP", "1").strip().lower() not in _OFF:
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        except OSError:
-            out = Path(tempfile.gettempdir()) / f"diffmpc-{os.getuid()}" / name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            res = subprocess.run([cc, *flags, "-o", tmp, str(src / "lq.c")],
-                                 capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                raise RuntimeError(f"{cc} failed to compile {src / 'lq.c'}: "
-                                   f"{res.stderr.strip()[-2000:]}")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(out))
+            lib = ctypes.CDLL(str(_compile(cc, flags + ("-fopenmp",), version)))
+            _threaded = True
+        except (OSError, RuntimeError, subprocess.SubprocessError):
+            lib = None
+    if lib is None:
+        lib = ctypes.CDLL(str(_compile(cc, flags, version)))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    signatures = {"riccati": [i64] * 4 + [ptr] * 15,
-                  "multipliers": [i64] * 4 + [ptr] * 6,
-                  "rollout": [i64] * 4 + [ptr] * 8 + [ctypes.c_int, ptr, ptr],
-                  "costate": [i64] * 3 + [ptr] * 5,
-                  "feedforward": [i64] * 4 + [ptr] * 11,
-                  "check_cost": [i64] * 3 + [ptr] * 3,
-                  "matvec": [i64] * 4 + [ptr] * 4 + [ctypes.c_int, ptr],
-                  "matvec_pair": [i64] * 4 + [ptr] * 8,
-                  "outer": [i64] * 4 + [ptr] * 8 + [ctypes.c_double, ptr],
-                  "quad_value": [i64] * 3 + [ptr] * 8,
-                  "homogeneous": [i64] * 4 + [ptr] * 5,
-                  "scalar_riccati": [i64] * 3 + [ptr] * 19}
+    signatures = {"riccati": [ctypes.c_int] + [i64] * 4 + [ptr] * 15,
+                  "multipliers": [ctypes.c_int] + [i64] * 4 + [ptr] * 6,
+                  "rollout": [ctypes.c_int] + [i64] * 4 + [ptr] * 8 + [ctypes.c_int, ptr, ptr],
+                  "costate": [ctypes.c_int] + [i64] * 3 + [ptr] * 5,
+                  "feedforward": [ctypes.c_int] + [i64] * 4 + [ptr] * 11,
+                  "check_cost": [ctypes.c_int] + [i64] * 3 + [ptr] * 3,
+                  "matvec": [ctypes.c_int] + [i64] * 4 + [ptr] * 4 + [ctypes.c_int, ptr],
+                  "matvec_pair": [ctypes.c_int] + [i64] * 4 + [ptr] * 8,
+                  "outer": [ctypes.c_int] + [i64] * 4 + [ptr] * 8 + [ctypes.c_double, ptr],
+                  "quad_value": [ctypes.c_int] + [i64] * 3 + [ptr] * 8,
+                  "homogeneous": [ctypes.c_int] + [i64] * 4 + [ptr] * 5,
+                  "scalar_riccati": [ctypes.c_int] + [i64] * 3 + [ptr] * 19}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -134,7 +168,7 @@ def _load() -> ctypes.CDLL | None:
         return _lib
     with _lock:
         if _lib is None and _reason is None:
-            if os.environ.get("DIFFMPC_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            if os.environ.get("DIFFMPC_NATIVE", "1").strip().lower() in _OFF:
                 _reason = "disabled by DIFFMPC_NATIVE"
             else:
                 try:
@@ -147,6 +181,12 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the native kernels are compiled, loaded and enabled (builds them on first call)."""
     return _enabled and _load() is not None
+
+
+def threaded() -> bool:
+    """Whether the kernels split their batch over ``torch.get_num_threads()`` threads (built with
+    OpenMP; else each runs on the calling thread)."""
+    return available() and _threaded
 
 
 def status() -> str:
@@ -196,6 +236,24 @@ def _kernel(name: str, dtype: torch.dtype):
     return getattr(_load(), f"diffmpc_{name}_{suffix}")
 
 
+# the fewest samples one thread takes: the Riccati passes' work per sample is large; the other
+# kernels' is a few microseconds, about what waking a thread costs
+_GRAIN_PASS = 16
+_GRAIN = 64
+
+
+def _threads(count: int, grain: int) -> int:
+    """Threads for a kernel over ``count`` samples: ``torch.get_num_threads()``, but at least
+    ``grain`` samples each (the kernels run on OpenMP's threads, PyTorch's own where it has
+    loaded OpenMP, so they never compete with a second pool)."""
+    return max(1, min(torch.get_num_threads(), count // grain))
+
+
+def _lanes() -> int:
+    """Samples per vector of the compiled kernels (the passes' ranges start at multiples)."""
+    return _load().diffmpc_lanes()
+
+
 def _bool(free: Tensor | None) -> None:
     if free is not None and free.dtype != torch.bool:
         raise ValueError(f"free: expected a bool tensor, got {free.dtype}")
@@ -230,12 +288,12 @@ def riccati(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor | None, n: int
     L = C.new_empty(T, B, m, m)
     info = torch.empty(T, B, dtype=torch.int32)
     dV = C.new_empty(B, 2) if expected else None
-    lanes = _load().diffmpc_lanes()
+    lanes = _lanes()
     Qu = C.new_empty(T, (B + lanes - 1) // lanes, m, p + 1, lanes) if rows else None
-    rc = _kernel("riccati", C.dtype)(B, T, n, m, *_view(C), *_view(c), *_view(Fh), *_view(free),
-                                     Kh.data_ptr(), L.data_ptr(), info.data_ptr(),
-                                     None if dV is None else dV.data_ptr(), *_view(held),
-                                     None if Qu is None else Qu.data_ptr())
+    rc = _kernel("riccati", C.dtype)(_threads(B, _GRAIN_PASS), B, T, n, m, *_view(C), *_view(c),
+                                     *_view(Fh), *_view(free), Kh.data_ptr(), L.data_ptr(),
+                                     info.data_ptr(), None if dV is None else dV.data_ptr(),
+                                     *_view(held), None if Qu is None else Qu.data_ptr())
     if rc != 0:
         raise MemoryError("diffmpc.native.riccati: out of memory")
     return Kh, L, info, dV, Qu
@@ -246,8 +304,8 @@ def multipliers(Qu: Tensor, x: Tensor, u: Tensor) -> Tensor:
     x ``[B, T, n]``, u ``[B, T, m]`` (views)."""
     B, T, m = u.shape
     gu = u.new_empty(B, T, m)
-    _kernel("multipliers", u.dtype)(B, T, x.shape[-1], m, Qu.data_ptr(), *_view(x), *_view(u),
-                                    gu.data_ptr())
+    _kernel("multipliers", u.dtype)(_threads(B, _GRAIN), B, T, x.shape[-1], m, Qu.data_ptr(),
+                                    *_view(x), *_view(u), gu.data_ptr())
     return gu
 
 
@@ -265,8 +323,8 @@ def rollout(K: Tensor, k: Tensor, Fh: Tensor | None, x0: Tensor, offsets: bool
     """
     B, T, m, n = K.shape
     x, u = K.new_empty(B, T, n), K.new_empty(B, T, m)
-    _kernel("rollout", K.dtype)(B, T, n, m, *_view(K), *_view(k), *_view(Fh), *_view(x0),
-                                int(offsets), x.data_ptr(), u.data_ptr())
+    _kernel("rollout", K.dtype)(_threads(B, _GRAIN), B, T, n, m, *_view(K), *_view(k), *_view(Fh),
+                                *_view(x0), int(offsets), x.data_ptr(), u.data_ptr())
     return x, u
 
 
@@ -275,7 +333,8 @@ def costate(gx: Tensor, Fx: Tensor | None) -> Tensor:
     T = 1; returns lam ``[B, T, n]``."""
     B, T, n = gx.shape
     lam = gx.new_empty(B, T, n)
-    _kernel("costate", gx.dtype)(B, T, n, *_view(gx), *_view(Fx), lam.data_ptr())
+    _kernel("costate", gx.dtype)(_threads(B, _GRAIN), B, T, n, *_view(gx), *_view(Fx),
+                                 lam.data_ptr())
     return lam
 
 
@@ -286,8 +345,8 @@ def feedforward(c: Tensor, Fh: Tensor | None, K: Tensor, free: Tensor | None, L:
     B, T, m, n = K.shape
     _bool(free)
     k = c.new_empty(B, T, m)
-    rc = _kernel("feedforward", c.dtype)(B, T, n, m, *_view(c), *_view(Fh), *_view(K),
-                                         *_view(free), *_view(L), k.data_ptr())
+    rc = _kernel("feedforward", c.dtype)(_threads(B, _GRAIN), B, T, n, m, *_view(c), *_view(Fh),
+                                         *_view(K), *_view(free), *_view(L), k.data_ptr())
     if rc != 0:
         raise MemoryError("diffmpc.native.feedforward: out of memory")
     return k
@@ -299,7 +358,7 @@ def check_cost(C: Tensor, n: int) -> tuple[int, float, float, int]:
     number of blocks whose control block ``C[n:, n:]`` is not positive definite."""
     N, p = C.shape[0], C.shape[-1]
     out = (ctypes.c_double * 4)()
-    rc = _kernel("check_cost", C.dtype)(N, p, n, *_view(C), out)
+    rc = _kernel("check_cost", C.dtype)(_threads(N, 64 * _GRAIN), N, p, n, *_view(C), out)
     if rc != 0:
         raise MemoryError("diffmpc.native.check_cost: out of memory")
     return int(out[0]), float(out[1]), float(out[2]), int(out[3])
@@ -318,7 +377,8 @@ def matvec(A: Tensor, x: Tensor, trans: bool = False) -> Tensor:
     """``A x`` (``[B, T, r]``) or ``A' x`` (``[B, T, c]``) for ``A [B, T, r, c]``."""
     B, T, r, c = A.shape
     y = A.new_empty(B, T, c if trans else r)
-    _kernel("matvec", A.dtype)(B, T, r, c, *_view(A), *_view(x), int(trans), y.data_ptr())
+    _kernel("matvec", A.dtype)(_threads(B, _GRAIN), B, T, r, c, *_view(A), *_view(x), int(trans),
+                               y.data_ptr())
     return y
 
 
@@ -326,8 +386,8 @@ def matvec_pair(A: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """``(A x, A' y)`` in one pass over ``A [B, T, r, c]``."""
     B, T, r, c = A.shape
     ax, aty = A.new_empty(B, T, r), A.new_empty(B, T, c)
-    _kernel("matvec_pair", A.dtype)(B, T, r, c, *_view(A), *_view(x), *_view(y),
-                                    ax.data_ptr(), aty.data_ptr())
+    _kernel("matvec_pair", A.dtype)(_threads(B, _GRAIN), B, T, r, c, *_view(A), *_view(x),
+                                    *_view(y), ax.data_ptr(), aty.data_ptr())
     return ax, aty
 
 
@@ -338,8 +398,8 @@ def outer(g: Tensor, x: Tensor, y: Tensor | None = None, z: Tensor | None = None
     B, T, r = g.shape
     c = x.shape[-1]
     G = g.new_empty(B, T, r, c)
-    _kernel("outer", g.dtype)(B, T, r, c, *_view(g), *_view(x), *_view(y), *_view(z),
-                              float(alpha), G.data_ptr())
+    _kernel("outer", g.dtype)(_threads(B, _GRAIN), B, T, r, c, *_view(g), *_view(x), *_view(y),
+                              *_view(z), float(alpha), G.data_ptr())
     return G
 
 
@@ -349,8 +409,8 @@ def quad_value(C: Tensor, c: Tensor, tau: Tensor, with_product: bool = False):
     B, T, p = tau.shape
     v = tau.new_empty(B, T)
     Ct = tau.new_empty(B, T, p) if with_product else None
-    _kernel("quad_value", C.dtype)(B, T, p, *_view(C), *_view(c), *_view(tau), v.data_ptr(),
-                                   None if Ct is None else Ct.data_ptr())
+    _kernel("quad_value", C.dtype)(_threads(B, _GRAIN), B, T, p, *_view(C), *_view(c), *_view(tau),
+                                   v.data_ptr(), None if Ct is None else Ct.data_ptr())
     return (v, Ct) if with_product else v
 
 
@@ -358,7 +418,8 @@ def homogeneous(F: Tensor, d: Tensor | None) -> Tensor:
     """``lqr.homogeneous_dynamics(F, d)`` (time-major ``[T-1, B, n+1, p+1]``) in one pass."""
     B, T1, n, p = F.shape
     Fh = F.new_empty(T1, B, n + 1, p + 1)
-    _kernel("homogeneous", F.dtype)(B, T1, n, p, *_view(F), *_view(d), Fh.data_ptr())
+    _kernel("homogeneous", F.dtype)(_threads(B, _GRAIN), B, T1, n, p, *_view(F), *_view(d),
+                                    Fh.data_ptr())
     return Fh
 
 
@@ -382,9 +443,9 @@ def scalar_riccati(Ch: Tensor, Fh: Tensor | None, n: int, lower: Tensor | None,
     f = torch.empty(T, B, dtype=torch.bool)
     qu, h, hr = (Ch.new_empty(T, B) for _ in range(3))
     rc = _kernel("scalar_riccati", Ch.dtype)(
-        B, T, n, *_view(Ch), *_view(Fh), *_view(lower), *_view(upper), *_view(free),
-        *_view(reg), *_view(floor), Kh.data_ptr(), f.data_ptr(), qu.data_ptr(), h.data_ptr(),
-        hr.data_ptr())
+        _threads(B, _GRAIN_PASS), B, T, n, *_view(Ch), *_view(Fh), *_view(lower), *_view(upper),
+        *_view(free), *_view(reg), *_view(floor), Kh.data_ptr(), f.data_ptr(), qu.data_ptr(),
+        h.data_ptr(), hr.data_ptr())
     if rc != 0:
         raise MemoryError("diffmpc.native.scalar_riccati: out of memory")
     return Kh, f, qu, h, hr

@@ -534,3 +534,72 @@ def test_public_solve_and_gradients_equal_pytorch_on_random_shapes(make_problem,
              else {"rtol": 2e-4, "atol": 2e-4})
     for a, b in zip(out[0][:2] + out[0][3:], out[1][:2] + out[1][3:], strict=True):
         torch.testing.assert_close(a, b, **close)
+
+
+def _every_kernel(prob, n: int):
+    """Every kernel's outputs on ``prob`` (held controls, one-control pass included)."""
+    C, c, F, f = prob.C, prob.c, prob.F, prob.f
+    B, T, m = c.shape[0], c.shape[1], c.shape[-1] - n
+    g = torch.Generator().manual_seed(1)
+    free = torch.rand(B, T, m, generator=g) > 0.4
+    held = torch.where(free, 0.0, torch.randn(B, T, m, generator=g, dtype=C.dtype))
+    tau = torch.randn(B, T, n + m, generator=g, dtype=C.dtype)
+    Fh = native.homogeneous(F, f)
+    Fb = Fh.transpose(0, 1)
+    out = list(native.riccati(C, c, Fb, free, n, True, held=held, rows=True))
+    Kh = out[0].transpose(0, 1)
+    x, u = native.rollout(Kh[..., 1:], Kh[..., 0], Fb, prob.x_init, True)
+    out += [Fh, x, u, native.multipliers(out[4], x, u),
+            native.costate(c[..., :n], Fb[:, :, 1:, 1:n + 1]),
+            native.feedforward(c, Fb, Kh[..., 1:], free, out[1].transpose(0, 1)),
+            native.matvec(C, tau), native.matvec(C, tau, trans=True),
+            *native.matvec_pair(F, tau, c[:, :-1, :n]), native.outer(tau, tau, c, c, 0.5),
+            *native.quad_value(C, c, tau, with_product=True),
+            torch.tensor(native.check_cost(C.flatten(0, 1), n))]
+    Ch = lqr.homogeneous_cost(C[..., :n + 1, :n + 1], c[..., :n + 1]).transpose(0, 1)
+    Fh1 = native.homogeneous(F[..., :n + 1], f).transpose(0, 1)
+    lo = torch.full((B, T), -0.3, dtype=C.dtype)
+    out += native.scalar_riccati(Ch, Fh1, n, lo, -lo, None, None, None)
+    return out
+
+
+@needs_native
+def test_threads_split_the_batch_without_changing_a_digit(make_problem):
+    """Every kernel at 1 thread and at 2 and 3 (the batch split into ranges of lane groups, 203
+    samples: a partial group at the end, ranges of unequal length): identical outputs, to the
+    bit. PyTorch's OpenMP threads run them where the build has OpenMP."""
+    if not native.threaded():
+        pytest.skip("the kernels were built without OpenMP")
+    prob = make_problem(203, 6, 4, 3, seed=3)
+    before = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            ref = _every_kernel(prob, 4)
+            for threads in (2, 3):
+                torch.set_num_threads(threads)
+                assert native._threads(203, native._GRAIN) == min(threads, 3)
+                got = _every_kernel(prob, 4)
+                for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+                    assert torch.equal(a, b), (threads, i)
+    finally:
+        torch.set_num_threads(before)
+
+
+_THREADED = """
+import torch
+from diffmpc import native
+print(native.status(), native.threaded())
+"""
+
+
+def test_openmp_build_can_be_switched_off(tmp_path):
+    """``DIFFMPC_NATIVE_OPENMP=0`` builds the kernels without OpenMP (each runs on the calling
+    thread); a compiler without OpenMP gets the same build (its failed attempt is remembered)."""
+    r = _python(_THREADED, DIFFMPC_NATIVE_OPENMP="0", DIFFMPC_CACHE_DIR=str(tmp_path))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    if native.available():
+        assert r.stdout.split() == ["available", "False"]
+        assert len(list(tmp_path.glob("lq-*.so"))) == 1
+        r = _python(_THREADED, DIFFMPC_CACHE_DIR=str(tmp_path))
+        assert r.stdout.split() == ["available", str(native.threaded())]

@@ -6,6 +6,32 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* RANGES(threads, count, align, rc, CALL): CALL for `threads` ranges [lo, hi) of [0, count) (part:
+ * the range's index, lo a multiple of align), on OpenMP's threads where the build has them (when
+ * PyTorch has loaded its OpenMP runtime, the same threads as its operations: no second pool
+ * spinning beside them), one after the other otherwise; rc: the OR of their return codes. */
+#ifdef _OPENMP
+#define DM_PRAGMA(x) _Pragma(#x)
+#else
+#define DM_PRAGMA(x)
+#endif
+#define MAX_RANGES 64
+#define RANGES(threads, count, align, rc, CALL)                                                 \
+    do {                                                                                        \
+        const int nt_ = (threads) < 1 ? 1 : ((threads) > MAX_RANGES ? MAX_RANGES : (threads));  \
+        const int64_t units_ = ((count) + (align) - 1) / (align);                               \
+        int rc_ = 0;                                                                            \
+        DM_PRAGMA(omp parallel for if(nt_ > 1) num_threads(nt_) reduction(| : rc_))            \
+        for (int part = 0; part < nt_; ++part) {                                                \
+            const int64_t lo = units_ * part / nt_ * (align);                                   \
+            const int64_t end_ = units_ * (part + 1) / nt_ * (align);                           \
+            const int64_t hi = end_ < (count) ? end_ : (count);                                 \
+            if (lo < hi)                                                                        \
+                rc_ |= (CALL);                                                                  \
+        }                                                                                       \
+        (rc) = rc_;                                                                             \
+    } while (0)
+
 /* samples side by side in one vector: 8 where the CPU has 512-bit vectors, else 4; GATHER is
  * the vector of the LANES numbers at offset o from the LANES pointers P */
 #ifdef __AVX512F__

@@ -5,6 +5,11 @@
  * one vector: every operation below is one vector instruction for LANES samples, whatever n and
  * m are. Tensors are read through element strides, so batch-first, time-major, broadcast
  * (stride 0) and homogeneous views need no copy.
+ *
+ * Each exported kernel takes first the number of threads to split its samples over (check_cost:
+ * its blocks; RANGES): its X_range function computes the samples [lo, hi) and leaves the others'
+ * outputs alone. The ranges of the kernels that put samples in lanes start at multiples of LANES,
+ * so that every sample meets the same arithmetic whatever the split.
  */
 
 typedef REAL VEC __attribute__((vector_size(LANES * sizeof(REAL))));
@@ -74,40 +79,42 @@ static void NAME(gemm)(int64_t M, int64_t N, int64_t K, const VEC *A, int64_t ar
  * (sum_t k_t' q_u,t and 1/2 sum_t k_t' Q_uu,t k_t). Returns 0, or -1 if out of memory.
  *
  * Held values (fr and hv given): the held controls are fixed at hv (shv as sc; the free ones'
- * entries, multiplied by zero, must be finite) instead of at zero. Their terms move into the linear terms of each step,
- * q += Q[:, held] hv (the same as c += C[:, held] hv and d += F[:, held] hv), and their rows of
- * k are hv, so that u_t = K_t x_t + k_t holds for every control. Qu, or NULL: the control rows
+ * entries, multiplied by zero, must be finite) instead of at zero. Their terms move into the
+ * linear terms of each step, q += Q[:, held] hv (the same as c += C[:, held] hv and
+ * d += F[:, held] hv), and their rows of k are hv, so that u_t = K_t x_t + k_t holds for every
+ * control. Qu, or NULL: the control rows
  * of [Q | q] before the held terms move (with C, c and the offsets d), stored as vectors of
  * LANES samples, [T, groups, m, p+1, LANES]: along the solution, Qu_t [tau_t; 1] is the gradient
  * of the Lagrangian in u_t (the costate is the gradient of the value function), the bounds'
  * multipliers on the held controls (diffmpc_multipliers).
  */
-int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
+static int NAME(riccati_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n, int64_t m,
                           const REAL *C, const int64_t *sC, const REAL *c, const int64_t *sc,
                           const REAL *Fh, const int64_t *sF, const uint8_t *fr,
                           const int64_t *sfr, REAL *Kh, REAL *L, int32_t *info, REAL *dV,
                           const REAL *hv, const int64_t *shv, REAL *Qu)
 {
     const int64_t p = n + m, nh = n + 1, groups = (B + LANES - 1) / LANES;
+    const int64_t mine = (hi - lo + LANES - 1) / LANES;  /* this range's groups */
     /* per group of LANES samples, kept across steps: V, v and the two sums of dV */
     const int64_t state = n * n + n + 2;
     const int64_t ph = p + 1;  /* Q and the products carry the linear terms as column p */
-    const int64_t count = groups * state + n * ph + p * ph + p + n * ph + m * m + m * nh + 4 * m;
+    const int64_t count = mine * state + n * ph + p * ph + p + n * ph + m * m + m * nh + 4 * m;
     VEC *buf = (VEC *)aligned_alloc(64, (size_t)((count * (int64_t)sizeof(VEC) + 63) / 64 * 64));
     if (buf == NULL)
         return -1;
-    VEC *W = buf + groups * state, *Q = W + n * ph, *q = Q + p * ph;
+    VEC *W = buf + mine * state, *Q = W + n * ph, *q = Q + p * ph;
     VEC *Fv = q + p, *Lv = Fv + n * ph, *Y = Lv + m * m, *inv = Y + m * nh, *y = inv + m;
     VEC *held = y + m, *hval = held + m;  /* held controls (1 or 0 per lane) and their values */
     const VEC zero = {0};
-    for (int64_t i = 0; i < groups * state; ++i)
+    for (int64_t i = 0; i < mine * state; ++i)
         buf[i] = zero;
     /* time outside, groups of samples inside: the time-major operands are read in order */
     for (int64_t t = T - 1; t >= 0; --t) {
         const int last = t == T - 1;
-        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
-            const int lanes = (int)(B - b0 < LANES ? B - b0 : LANES);
-            VEC *V = buf + (b0 / LANES) * state, *v = V + n * n;
+        for (int64_t b0 = lo; b0 < hi; b0 += LANES) {
+            const int lanes = (int)(hi - b0 < LANES ? hi - b0 : LANES);
+            VEC *V = buf + ((b0 - lo) / LANES) * state, *v = V + n * n;
             VEC *dv = v + n;
             /* one block pointer per lane (padding lanes repeat the last sample); each vector is
              * built from its LANES numbers in registers and stored once */
@@ -266,26 +273,38 @@ int NAME(diffmpc_riccati)(int64_t B, int64_t T, int64_t n, int64_t m,
         }
     }
     if (dV != NULL)
-        for (int64_t b = 0; b < B; ++b) {
-            const VEC *dv = buf + (b / LANES) * state + n * n + n;
-            dV[b * 2] = dv[0][b % LANES];
-            dV[b * 2 + 1] = dv[1][b % LANES];
+        for (int64_t b = lo; b < hi; ++b) {
+            const VEC *dv = buf + ((b - lo) / LANES) * state + n * n + n;
+            dV[b * 2] = dv[0][(b - lo) % LANES];
+            dV[b * 2 + 1] = dv[1][(b - lo) % LANES];
         }
     free(buf);
     return 0;
 }
 
+int NAME(diffmpc_riccati)(int threads, int64_t B, int64_t T, int64_t n, int64_t m, const REAL *C,
+                          const int64_t *sC, const REAL *c, const int64_t *sc, const REAL *Fh,
+                          const int64_t *sF, const uint8_t *fr, const int64_t *sfr, REAL *Kh,
+                          REAL *L, int32_t *info, REAL *dV, const REAL *hv, const int64_t *shv,
+                          REAL *Qu)
+{
+    int rc = 0;
+    RANGES(threads, B, LANES, rc, NAME(riccati_range)(lo, hi, B, T, n, m, C, sC, c, sc, Fh, sF, fr,
+                                                      sfr, Kh, L, info, dV, hv, shv, Qu));
+    return rc;
+}
+
 /* gu_t = Qu_t [x_t; u_t; 1] for B samples and T steps, Qu from diffmpc_riccati ([T, groups, m,
  * n+m+1, LANES]); x: sx = {batch, time, entry}, u: su likewise. Output, contiguous: gu [B, T, m].
  * Returns 0. */
-int NAME(diffmpc_multipliers)(int64_t B, int64_t T, int64_t n, int64_t m, const REAL *Qu,
-                              const REAL *x, const int64_t *sx, const REAL *u, const int64_t *su,
-                              REAL *gu)
+static int NAME(multipliers_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n,
+                                   int64_t m, const REAL *Qu, const REAL *x, const int64_t *sx,
+                                   const REAL *u, const int64_t *su, REAL *gu)
 {
     const int64_t p = n + m, ph = p + 1, groups = (B + LANES - 1) / LANES;
     for (int64_t t = 0; t < T; ++t)
-        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
-            const int lanes = (int)(B - b0 < LANES ? B - b0 : LANES);
+        for (int64_t b0 = lo; b0 < hi; b0 += LANES) {
+            const int lanes = (int)(hi - b0 < LANES ? hi - b0 : LANES);
             const VEC *Qt = (const VEC *)Qu + (t * groups + b0 / LANES) * m * ph;
             const REAL *xl[LANES], *ul[LANES];
             for (int s = 0; s < LANES; ++s) {
@@ -314,6 +333,16 @@ int NAME(diffmpc_multipliers)(int64_t B, int64_t T, int64_t n, int64_t m, const 
     return 0;
 }
 
+int NAME(diffmpc_multipliers)(int threads, int64_t B, int64_t T, int64_t n, int64_t m,
+                              const REAL *Qu, const REAL *x, const int64_t *sx, const REAL *u,
+                              const int64_t *su, REAL *gu)
+{
+    int rc = 0;
+    RANGES(threads, B, LANES, rc, NAME(multipliers_range)(lo, hi, B, T, n, m, Qu, x, sx, u, su,
+                                                          gu));
+    return rc;
+}
+
 /* Closed-loop rollout of the linear dynamics (lqr.rollout_affine):
  *
  *   u_t = K_t x_t + k_t,   x_{t+1} = F_t [x_t; u_t] + (d_t if offsets)
@@ -323,16 +352,16 @@ int NAME(diffmpc_multipliers)(int64_t B, int64_t T, int64_t n, int64_t m, const 
  * u [B, T, m]. The loop runs over time outside and samples inside: the operands are stored
  * time-major, so each step reads one block of memory. Returns 0.
  */
-int NAME(diffmpc_rollout)(int64_t B, int64_t T, int64_t n, int64_t m,
+static int NAME(rollout_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n, int64_t m,
                           const REAL *K, const int64_t *sK, const REAL *k, const int64_t *sk,
                           const REAL *Fh, const int64_t *sF, const REAL *x0,
                           const int64_t *sx0, int offsets, REAL *x, REAL *u)
 {
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = lo; b < hi; ++b)
         for (int64_t i = 0; i < n; ++i)
             x[b * T * n + i] = x0[b * sx0[0] + i * sx0[1]];
     for (int64_t t = 0; t < T; ++t) {
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t b = lo; b < hi; ++b) {
             const REAL *xt = x + (b * T + t) * n;
             REAL *ut = u + (b * T + t) * m;
             const REAL *Kt = K + b * sK[0] + t * sK[1], *kt = k + b * sk[0] + t * sk[1];
@@ -361,16 +390,28 @@ int NAME(diffmpc_rollout)(int64_t B, int64_t T, int64_t n, int64_t m,
     return 0;
 }
 
+int NAME(diffmpc_rollout)(int threads, int64_t B, int64_t T, int64_t n, int64_t m, const REAL *K,
+                          const int64_t *sK, const REAL *k, const int64_t *sk, const REAL *Fh,
+                          const int64_t *sF, const REAL *x0, const int64_t *sx0, int offsets,
+                          REAL *x, REAL *u)
+{
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(rollout_range)(lo, hi, B, T, n, m, K, sK, k, sk, Fh, sF, x0,
+                                                  sx0, offsets, x, u));
+    return rc;
+}
+
 /* Costate recursion (lqr.costate): lam_{T-1} = gx_{T-1}, lam_t = gx_t + Fx_t' lam_{t+1}.
  *
  * gx: sg = {batch, time, entry}; Fx: n x n blocks, sF = {batch, time, row, column} (NULL if
  * T == 1). Output lam [B, T, n], contiguous. Time outside, samples inside. Returns 0.
  */
-int NAME(diffmpc_costate)(int64_t B, int64_t T, int64_t n, const REAL *gx, const int64_t *sg,
-                          const REAL *Fx, const int64_t *sF, REAL *lam)
+static int NAME(costate_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n,
+                               const REAL *gx, const int64_t *sg, const REAL *Fx,
+                               const int64_t *sF, REAL *lam)
 {
     for (int64_t t = T - 1; t >= 0; --t) {
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t b = lo; b < hi; ++b) {
             const REAL *gt = gx + b * sg[0] + t * sg[1];
             REAL *lt = lam + (b * T + t) * n;
             for (int64_t i = 0; i < n; ++i)
@@ -389,6 +430,14 @@ int NAME(diffmpc_costate)(int64_t B, int64_t T, int64_t n, const REAL *gx, const
     return 0;
 }
 
+int NAME(diffmpc_costate)(int threads, int64_t B, int64_t T, int64_t n, const REAL *gx,
+                          const int64_t *sg, const REAL *Fx, const int64_t *sF, REAL *lam)
+{
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(costate_range)(lo, hi, B, T, n, gx, sg, Fx, sF, lam));
+    return rc;
+}
+
 /* Feedforward terms for a new linear term c (lqr.feedforward), reusing a fixed-set or
  * unconstrained pass's K, L and dynamics:
  *
@@ -399,19 +448,20 @@ int NAME(diffmpc_costate)(int64_t B, int64_t T, int64_t n, const REAL *gx, const
  * free); L: m x m blocks, sL = {batch, time, row, column}. Output k [B, T, m], contiguous.
  * Time outside, samples inside. Returns 0, or -1 if out of memory.
  */
-int NAME(diffmpc_feedforward)(int64_t B, int64_t T, int64_t n, int64_t m, const REAL *c,
-                              const int64_t *sc, const REAL *Fh, const int64_t *sF,
-                              const REAL *K, const int64_t *sK, const uint8_t *fr,
-                              const int64_t *sfr, const REAL *L, const int64_t *sL, REAL *k)
+static int NAME(feedforward_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n,
+                                   int64_t m, const REAL *c, const int64_t *sc, const REAL *Fh,
+                                   const int64_t *sF, const REAL *K, const int64_t *sK,
+                                   const uint8_t *fr, const int64_t *sfr, const REAL *L,
+                                   const int64_t *sL, REAL *k)
 {
     const int64_t p = n + m;
-    REAL *buf = (REAL *)malloc((size_t)(B * n + p + m) * sizeof(REAL));
+    REAL *buf = (REAL *)malloc((size_t)((hi - lo) * n + p + m) * sizeof(REAL));
     if (buf == NULL)
         return -1;
-    REAL *vall = buf, *q = vall + B * n, *y = q + p;
+    REAL *vall = buf, *q = vall + (hi - lo) * n, *y = q + p;
     for (int64_t t = T - 1; t >= 0; --t) {
-        for (int64_t b = 0; b < B; ++b) {
-            REAL *v = vall + b * n;
+        for (int64_t b = lo; b < hi; ++b) {
+            REAL *v = vall + (b - lo) * n;
             const REAL *ct = c + b * sc[0] + t * sc[1];
             for (int64_t i = 0; i < p; ++i)
                 q[i] = ct[i * sc[2]];
@@ -461,21 +511,32 @@ int NAME(diffmpc_feedforward)(int64_t B, int64_t T, int64_t n, int64_t m, const 
     return 0;
 }
 
+int NAME(diffmpc_feedforward)(int threads, int64_t B, int64_t T, int64_t n, int64_t m,
+                              const REAL *c, const int64_t *sc, const REAL *Fh, const int64_t *sF,
+                              const REAL *K, const int64_t *sK, const uint8_t *fr,
+                              const int64_t *sfr, const REAL *L, const int64_t *sL, REAL *k)
+{
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(feedforward_range)(lo, hi, B, T, n, m, c, sc, Fh, sF, K, sK, fr,
+                                                      sfr, L, sL, k));
+    return rc;
+}
+
 /* The checks of a quadratic cost's C (mpc._check_cost) in one pass over N blocks p x p, strides
  * sC = {block, row, column}: out[0] the number of NaN or infinite entries, out[1] the largest
  * |C_ij| of the finite ones, out[2] the largest |C_ij - C_ji|, out[3] the number of blocks whose
  * control block C[n:, n:] is not positive definite (a non-positive or NaN pivot of its Cholesky
  * factorization). Returns 0, or -1 if out of memory.
  */
-int NAME(diffmpc_check_cost)(int64_t N, int64_t p, int64_t n, const REAL *C, const int64_t *sC,
-                             double *out)
+static int NAME(check_cost_range)(int64_t lo, int64_t hi, int64_t N, int64_t p, int64_t n,
+                             const REAL *C, const int64_t *sC, double *out)
 {
     const int64_t m = p - n;
     REAL *Lw = (REAL *)malloc((size_t)(m * m + 1) * sizeof(REAL));
     if (Lw == NULL)
         return -1;
     double bad = 0, big = 0, asym = 0, indefinite = 0;
-    for (int64_t k = 0; k < N; ++k) {
+    for (int64_t k = lo; k < hi; ++k) {
         const REAL *A = C + k * sC[0];
         for (int64_t i = 0; i < p; ++i) {
             const REAL *row = A + i * sC[1], *col = A + i * sC[2];
@@ -518,16 +579,34 @@ int NAME(diffmpc_check_cost)(int64_t N, int64_t p, int64_t n, const REAL *C, con
     return 0;
 }
 
+int NAME(diffmpc_check_cost)(int threads, int64_t N, int64_t p, int64_t n, const REAL *C,
+                             const int64_t *sC, double *out)
+{
+    double parts[MAX_RANGES][4] = {{0}};
+    int rc = 0;
+    RANGES(threads, N, 1, rc, NAME(check_cost_range)(lo, hi, N, p, n, C, sC, parts[part]));
+    for (int i = 0; i < 4; ++i)
+        out[i] = 0;
+    for (int r = 0; r < MAX_RANGES; ++r) {  /* counts add up, maxima take the largest */
+        out[0] += parts[r][0];
+        out[1] = parts[r][1] > out[1] ? parts[r][1] : out[1];
+        out[2] = parts[r][2] > out[2] ? parts[r][2] : out[2];
+        out[3] += parts[r][3];
+    }
+    return rc;
+}
+
 /* Batched products of [B, T] blocks (expand.matvec, expand.matvec_pair and their gradients).
  * Every operand is a 4-d (blocks) or 3-d (vectors) view given by element strides {batch, time,
  * row[, column]}; outputs are contiguous. */
 
 /* y = A x (trans = 0, y [B, T, r]) or y = A' x (trans = 1, y [B, T, c]) for A [B, T, r, c]. */
-int NAME(diffmpc_matvec)(int64_t B, int64_t T, int64_t r, int64_t c, const REAL *A,
-                         const int64_t *sA, const REAL *x, const int64_t *sx, int trans, REAL *y)
+static int NAME(matvec_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t r, int64_t c,
+                         const REAL *A, const int64_t *sA, const REAL *x, const int64_t *sx,
+                         int trans, REAL *y)
 {
     const int64_t out = trans ? c : r;
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = lo; b < hi; ++b)
         for (int64_t t = 0; t < T; ++t) {
             const REAL *At = A + b * sA[0] + t * sA[1], *xt = x + b * sx[0] + t * sx[1];
             REAL *yt = y + (b * T + t) * out;
@@ -561,12 +640,21 @@ int NAME(diffmpc_matvec)(int64_t B, int64_t T, int64_t r, int64_t c, const REAL 
     return 0;
 }
 
-/* ax = A x [B, T, r] and aty = A' y [B, T, c] in one pass over A [B, T, r, c]. */
-int NAME(diffmpc_matvec_pair)(int64_t B, int64_t T, int64_t r, int64_t c, const REAL *A,
-                              const int64_t *sA, const REAL *x, const int64_t *sx, const REAL *y,
-                              const int64_t *sy, REAL *ax, REAL *aty)
+int NAME(diffmpc_matvec)(int threads, int64_t B, int64_t T, int64_t r, int64_t c, const REAL *A,
+                         const int64_t *sA, const REAL *x, const int64_t *sx, int trans, REAL *y)
 {
-    for (int64_t b = 0; b < B; ++b)
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(matvec_range)(lo, hi, B, T, r, c, A, sA, x, sx, trans, y));
+    return rc;
+}
+
+/* ax = A x [B, T, r] and aty = A' y [B, T, c] in one pass over A [B, T, r, c]. */
+static int NAME(matvec_pair_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t r,
+                                   int64_t c, const REAL *A, const int64_t *sA, const REAL *x,
+                                   const int64_t *sx, const REAL *y, const int64_t *sy, REAL *ax,
+                                   REAL *aty)
+{
+    for (int64_t b = lo; b < hi; ++b)
         for (int64_t t = 0; t < T; ++t) {
             const REAL *At = A + b * sA[0] + t * sA[1], *xt = x + b * sx[0] + t * sx[1];
             const REAL *yt = y + b * sy[0] + t * sy[1];
@@ -588,15 +676,25 @@ int NAME(diffmpc_matvec_pair)(int64_t B, int64_t T, int64_t r, int64_t c, const 
     return 0;
 }
 
+int NAME(diffmpc_matvec_pair)(int threads, int64_t B, int64_t T, int64_t r, int64_t c,
+                              const REAL *A, const int64_t *sA, const REAL *x, const int64_t *sx,
+                              const REAL *y, const int64_t *sy, REAL *ax, REAL *aty)
+{
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(matvec_pair_range)(lo, hi, B, T, r, c, A, sA, x, sx, y, sy, ax,
+                                                      aty));
+    return rc;
+}
+
 /* G [B, T, r, c] = alpha (g x' + y z') (y, z NULL: alpha g x'), contiguous; with sym (r = c,
  * alpha = 1/2, y = x, z = g) the symmetrized gradient (g x' + x g') / 2. */
-int NAME(diffmpc_outer)(int64_t B, int64_t T, int64_t r, int64_t c, const REAL *g,
-                        const int64_t *sg, const REAL *x, const int64_t *sx, const REAL *y,
-                        const int64_t *sy, const REAL *z, const int64_t *sz, double alpha,
-                        REAL *G)
+static int NAME(outer_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t r, int64_t c,
+                        const REAL *g, const int64_t *sg, const REAL *x, const int64_t *sx,
+                        const REAL *y, const int64_t *sy, const REAL *z, const int64_t *sz,
+                        double alpha, REAL *G)
 {
     const REAL al = (REAL)alpha;
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = lo; b < hi; ++b)
         for (int64_t t = 0; t < T; ++t) {
             const REAL *gt = g + b * sg[0] + t * sg[1], *xt = x + b * sx[0] + t * sx[1];
             REAL *Gt = G + (b * T + t) * r * c;
@@ -618,13 +716,23 @@ int NAME(diffmpc_outer)(int64_t B, int64_t T, int64_t r, int64_t c, const REAL *
     return 0;
 }
 
+int NAME(diffmpc_outer)(int threads, int64_t B, int64_t T, int64_t r, int64_t c, const REAL *g,
+                        const int64_t *sg, const REAL *x, const int64_t *sx, const REAL *y,
+                        const int64_t *sy, const REAL *z, const int64_t *sz, double alpha, REAL *G)
+{
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(outer_range)(lo, hi, B, T, r, c, g, sg, x, sx, y, sy, z, sz,
+                                                alpha, G));
+    return rc;
+}
+
 /* Stage costs of a quadratic cost: v [B, T] = 1/2 tau' C tau + c' tau, C [B, T, p, p],
  * c and tau [B, T, p]; and, if Cx is not NULL, Cx [B, T, p] = C tau (the gradient's part). */
-int NAME(diffmpc_quad_value)(int64_t B, int64_t T, int64_t p, const REAL *C, const int64_t *sC,
-                             const REAL *c, const int64_t *sc, const REAL *tau,
-                             const int64_t *st, REAL *v, REAL *Cx)
+static int NAME(quad_value_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t p,
+                             const REAL *C, const int64_t *sC, const REAL *c, const int64_t *sc,
+                             const REAL *tau, const int64_t *st, REAL *v, REAL *Cx)
 {
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = lo; b < hi; ++b)
         for (int64_t t = 0; t < T; ++t) {
             const REAL *Ct = C + b * sC[0] + t * sC[1], *ct = c + b * sc[0] + t * sc[1];
             const REAL *tt = tau + b * st[0] + t * st[1];
@@ -643,15 +751,26 @@ int NAME(diffmpc_quad_value)(int64_t B, int64_t T, int64_t p, const REAL *C, con
     return 0;
 }
 
+int NAME(diffmpc_quad_value)(int threads, int64_t B, int64_t T, int64_t p, const REAL *C,
+                             const int64_t *sC, const REAL *c, const int64_t *sc, const REAL *tau,
+                             const int64_t *st, REAL *v, REAL *Cx)
+{
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(quad_value_range)(lo, hi, B, T, p, C, sC, c, sc, tau, st, v,
+                                                     Cx));
+    return rc;
+}
+
 /* Homogeneous dynamics (lqr.homogeneous_dynamics): Fh [T-1, B, n+1, p+1], contiguous, from
  * F [B, T-1, n, p] (strides sF = {batch, time, row, column}) and d (sd = {batch, time, entry};
  * NULL: zero): Fh_t = [[1, 0], [d_t, F_t]]. Returns 0. */
-int NAME(diffmpc_homogeneous)(int64_t B, int64_t T1, int64_t n, int64_t p, const REAL *F,
-                              const int64_t *sF, const REAL *d, const int64_t *sd, REAL *Fh)
+static int NAME(homogeneous_range)(int64_t lo, int64_t hi, int64_t B, int64_t T1, int64_t n,
+                                   int64_t p, const REAL *F, const int64_t *sF, const REAL *d,
+                                   const int64_t *sd, REAL *Fh)
 {
     const int64_t ph = p + 1;
     for (int64_t t = 0; t < T1; ++t)
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t b = lo; b < hi; ++b) {
             REAL *out = Fh + (t * B + b) * (n + 1) * ph;
             const REAL *Ft = F + b * sF[0] + t * sF[1];
             out[0] = 1;
@@ -672,11 +791,20 @@ int NAME(diffmpc_homogeneous)(int64_t B, int64_t T1, int64_t n, int64_t p, const
     return 0;
 }
 
+int NAME(diffmpc_homogeneous)(int threads, int64_t B, int64_t T1, int64_t n, int64_t p,
+                              const REAL *F, const int64_t *sF, const REAL *d, const int64_t *sd,
+                              REAL *Fh)
+{
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(homogeneous_range)(lo, hi, B, T1, n, p, F, sF, d, sd, Fh));
+    return rc;
+}
+
 /* The one-control Riccati pass (lqr._scalar_riccati), in every mode that pass has: box
- * (lower/upper given: the step's one-variable QP is the clipped minimizer), fixed free set (fr),
+ * (lw/up given: the step's one-variable QP is the clipped minimizer), fixed free set (fr),
  * Levenberg-Marquardt term (reg [B]) and curvature floor (floor [B]). Homogeneous operands:
  * Ch (p+1) x (p+1) blocks, sC = {batch, time, row, column}; Fh (n+1) x (p+1) blocks, sF as sC
- * (NULL if T == 1); lo, hi: sl, sh = {batch, time}; fr: sfr = {batch, time}; reg, floor: one
+ * (NULL if T == 1); lw, up: sl, sh = {batch, time}; fr: sfr = {batch, time}; reg, floor: one
  * number per sample (stride sr, sf) or NULL. The value function Vh (n+1) x (n+1) is kept as the
  * PyTorch pass forms it (not symmetrized: with a clipped control it is not symmetric).
  * Outputs, contiguous: Kh [T, B, n+1] ([k | K]), free [T, B] (bytes), qu, h, hr [T, B] (q_u,
@@ -697,16 +825,17 @@ static void NAME(load_blocks)(VEC *dst, const REAL *const *P, int64_t rows, int6
         }
 }
 
-int NAME(diffmpc_scalar_riccati)(int64_t B, int64_t T, int64_t n, const REAL *Ch,
+static int NAME(scalar_riccati_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n,
+                                 const REAL *Ch,
                                  const int64_t *sC, const REAL *Fh, const int64_t *sF,
-                                 const REAL *lo, const int64_t *sl, const REAL *hi,
+                                 const REAL *lw, const int64_t *sl, const REAL *up,
                                  const int64_t *sh, const uint8_t *fr, const int64_t *sfr,
                                  const REAL *reg, const int64_t *sr, const REAL *floor_,
                                  const int64_t *sf, REAL *Kh, uint8_t *free_out, REAL *qu,
                                  REAL *h_out, REAL *hr_out)
 {
     const int64_t nh = n + 1, ph = n + 2, c = n + 1;  /* c: the control's homogeneous index */
-    const int64_t groups = (B + LANES - 1) / LANES;
+    const int64_t groups = (hi - lo + LANES - 1) / LANES;  /* this range's */
     VEC *buf = (VEC *)aligned_alloc(
         64, (size_t)(((groups * nh * nh + nh * ph + ph * ph + ph * ph + nh * ph + nh)
                       * (int64_t)sizeof(VEC) + 63) / 64 * 64));
@@ -716,9 +845,9 @@ int NAME(diffmpc_scalar_riccati)(int64_t B, int64_t T, int64_t n, const REAL *Ch
     VEC *kh = Fv + nh * ph;
     for (int64_t t = T - 1; t >= 0; --t) {
         const int last = t == T - 1;
-        for (int64_t b0 = 0; b0 < B; b0 += LANES) {
-            const int lanes = (int)(B - b0 < LANES ? B - b0 : LANES);
-            VEC *V = buf + (b0 / LANES) * nh * nh;
+        for (int64_t b0 = lo; b0 < hi; b0 += LANES) {
+            const int lanes = (int)(hi - b0 < LANES ? hi - b0 : LANES);
+            VEC *V = buf + ((b0 - lo) / LANES) * nh * nh;
             const REAL *Cl[LANES], *Fl[LANES];
             for (int s = 0; s < LANES; ++s) {
                 const int64_t b = b0 + (s < lanes ? s : lanes - 1);
@@ -764,9 +893,9 @@ int NAME(diffmpc_scalar_riccati)(int64_t B, int64_t T, int64_t n, const REAL *Ch
             for (int s = 0; s < LANES; ++s) {
                 const int64_t b = b0 + (s < lanes ? s : lanes - 1);
                 f[s] = 1;
-                if (lo != NULL) {  /* torch.clamp(k, lo, hi): min(max(k, lo), hi), NaN kept */
-                    const REAL kf = kh[0][s], l = lo[b * sl[0] + t * sl[1]];
-                    const REAL u = hi[b * sh[0] + t * sh[1]];
+                if (lw != NULL) {  /* torch.clamp(k, lo, hi): min(max(k, lo), hi), NaN kept */
+                    const REAL kf = kh[0][s], l = lw[b * sl[0] + t * sl[1]];
+                    const REAL u = up[b * sh[0] + t * sh[1]];
                     REAL k = kf != kf ? kf : (kf < l ? l : kf);
                     k = k != k ? k : (k > u ? u : k);
                     f[s] = k == kf;
@@ -801,4 +930,19 @@ int NAME(diffmpc_scalar_riccati)(int64_t B, int64_t T, int64_t n, const REAL *Ch
     }
     free(buf);
     return 0;
+}
+
+int NAME(diffmpc_scalar_riccati)(int threads, int64_t B, int64_t T, int64_t n, const REAL *Ch,
+                                 const int64_t *sC, const REAL *Fh, const int64_t *sF,
+                                 const REAL *lw, const int64_t *sl, const REAL *up,
+                                 const int64_t *sh, const uint8_t *fr, const int64_t *sfr,
+                                 const REAL *reg, const int64_t *sr, const REAL *floor_,
+                                 const int64_t *sf, REAL *Kh, uint8_t *free_out, REAL *qu,
+                                 REAL *h_out, REAL *hr_out)
+{
+    int rc = 0;
+    RANGES(threads, B, LANES, rc, NAME(scalar_riccati_range)(lo, hi, B, T, n, Ch, sC, Fh, sF, lw,
+                                                             sl, up, sh, fr, sfr, reg, sr, floor_,
+                                                             sf, Kh, free_out, qu, h_out, hr_out));
+    return rc;
 }
