@@ -16,7 +16,8 @@ for the Riccati passes, 64 for the others) where the compiler has OpenMP (``thre
 PyTorch has loaded, whose threads also run PyTorch's operations: a pool of its own would compete
 with them for the cores (PyTorch's idle threads spin for a while after each operation). Every
 sample is computed by the same arithmetic whatever the thread count: the results do not depend
-on it.
+on it. In a forked child the kernels run on the calling thread (GNU OpenMP's pool does not
+survive a fork; PyTorch's own operations on large tensors hang there too).
 
 The kernels run where ``handles`` says so: CPU tensors of float32 or float64, and no autograd
 recording through them (unrolled and double-backward gradients keep PyTorch operations). Where
@@ -245,8 +246,22 @@ _GRAIN = 64
 def _threads(count: int, grain: int) -> int:
     """Threads for a kernel over ``count`` samples: ``torch.get_num_threads()``, but at least
     ``grain`` samples each (the kernels run on OpenMP's threads, PyTorch's own where it has
-    loaded OpenMP, so they never compete with a second pool)."""
+    loaded OpenMP, so they never compete with a second pool); one in a forked child."""
+    if _forked:
+        return 1
     return max(1, min(torch.get_num_threads(), count // grain))
+
+
+def _after_fork() -> None:
+    # a forked child's copy of OpenMP's thread pool has no threads behind it: GNU OpenMP hangs
+    # in its next parallel region (PyTorch's own operations do too, on large tensors); the
+    # kernels then run on the calling thread and make no OpenMP call
+    global _forked
+    _forked = True
+
+
+_forked = False
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _lanes() -> int:

@@ -603,3 +603,36 @@ def test_openmp_build_can_be_switched_off(tmp_path):
         assert len(list(tmp_path.glob("lq-*.so"))) == 1
         r = _python(_THREADED, DIFFMPC_CACHE_DIR=str(tmp_path))
         assert r.stdout.split() == ["available", str(native.threaded())]
+
+
+_FORKED = """
+import os, torch
+from diffmpc import native
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+A = torch.rand(256, 10, 15, 15, generator=g, dtype=torch.float64)
+x = torch.rand(256, 10, 15, generator=g, dtype=torch.float64)
+assert native._threads(256, native._GRAIN) == 2
+y = native.matvec(A, x).numpy().tobytes()  # two threads: OpenMP's pool is made here
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:  # compared with numpy: PyTorch's own parallel operations hang in a forked child
+    same = native.matvec(A, x).numpy().tobytes() == y and native._threads(256, 64) == 1
+    os.write(w, b"1" if same else b"0")
+    os._exit(0)
+os.waitpid(pid, 0)
+print(os.read(r, 1).decode())
+"""
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_kernels_run_on_one_thread_in_a_forked_child(tmp_path):
+    """After a fork, the child's copy of OpenMP's thread pool has no threads behind it (GNU
+    OpenMP hangs in the next parallel region): there the kernels run on the calling thread, with
+    the same results."""
+    if not native.threaded():
+        pytest.skip("the kernels were built without OpenMP")
+    r = _python(_FORKED)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"

@@ -21,7 +21,15 @@
         const int nt_ = (threads) < 1 ? 1 : ((threads) > MAX_RANGES ? MAX_RANGES : (threads));  \
         const int64_t units_ = ((count) + (align) - 1) / (align);                               \
         int rc_ = 0;                                                                            \
-        DM_PRAGMA(omp parallel for if(nt_ > 1) num_threads(nt_) reduction(| : rc_))            \
+        if (nt_ == 1) { /* no OpenMP call at all (a forked child must not make one) */          \
+            const int part = 0;                                                                 \
+            const int64_t lo = 0, hi = (count);                                                 \
+            (void)part;                                                                         \
+            (void)units_;                                                                       \
+            (rc) = (CALL);                                                                      \
+            break;                                                                              \
+        }                                                                                       \
+        DM_PRAGMA(omp parallel for num_threads(nt_) reduction(| : rc_))                        \
         for (int part = 0; part < nt_; ++part) {                                                \
             const int64_t lo = units_ * part / nt_ * (align);                                   \
             const int64_t end_ = units_ * (part + 1) / nt_ * (align);                           \
