@@ -41,7 +41,6 @@ from diffmpc.lqr import (
     riccati,
     rollout_affine,
     stores_batch_last,
-    time_major,
 )
 
 __all__ = ["SolverOptions", "IterResult", "ilqr", "rollout"]
@@ -247,7 +246,7 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Ga
     if (dyn.linear and H is C) or not bool(newton.any()):
         return riccati(C, c, F, None, lo, hi, None, reg), torch.zeros_like(newton)
     n = x.shape[-1]
-    lam = costate(c[..., :n], time_major(F[..., :n]))
+    lam = costate(c[..., :n], F[..., :n].transpose(0, 1))  # a view: the kernel reads it
     floor = C[..., n:, n:].diagonal(dim1=-2, dim2=-1).flatten(1).amin(-1)
     nw = newton[:, None, None, None]
     blocks = None
@@ -428,7 +427,7 @@ def _leave_saddle(x_init, cost, dyn, x, u, J, idx, lower, upper, scale):
     xs, us = x[idx], u[idx]
     H, c = cost.quadratize(xs, us)
     F = dyn.jacobian(xs[:, :-1], us[:, :-1])
-    lam = costate(c[..., :n], time_major(F[..., :n]))
+    lam = costate(c[..., :n], F[..., :n].transpose(0, 1))  # a view: the kernel reads it
     Hn = dyn.lagrangian_hessian(H, xs, us, lam)
     lo = None if lower is None else lower - us
     hi = None if upper is None else upper - us

@@ -585,18 +585,20 @@ def costate(gx: Tensor, Fx: Tensor | None, parallel: bool = False) -> Tensor:
 
     Args:
         gx: ``[B, T, n]`` gradient of the (Lagrangian's) cost terms w.r.t. x_t.
-        Fx: ``[T-1, B, n, n]`` state Jacobians of the dynamics, time-major (``time_major``, or
-            ``gains.Fh[:, :, 1:, 1:n+1]``); None if T = 1.
+        Fx: ``[T-1, B, n, n]`` state Jacobians of the dynamics, time-major (``time_major``,
+            ``gains.Fh[:, :, 1:, 1:n+1]``, or a view such as ``F[..., :n].transpose(0, 1)``,
+            which the compiled pass reads in place and the others copy); None if T = 1.
         parallel: as a scan over time (``affine_suffix``).
 
     Returns:
         lam ``[B, T, n]``.
     """
+    T = gx.shape[1]
+    if not parallel and native.handles(gx, Fx) and (Fx is not None or T == 1):
+        return native.costate(gx, None if Fx is None else Fx.transpose(0, 1))
+    Fx = None if Fx is None else Fx.contiguous()
     if parallel and Fx is not None:
         return _parallel_costate(gx, Fx)
-    T = gx.shape[1]
-    if native.handles(gx, Fx) and (Fx is not None or T == 1):
-        return native.costate(gx, None if Fx is None else Fx.transpose(0, 1))
     # the steps' operands as views made in one call each (a view per step and operand costs its
     # dispatch, as much as the product at small sizes); lam kept as [B, n, 1] columns
     gxs = gx.unsqueeze(-1).unbind(1)
