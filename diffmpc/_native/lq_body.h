@@ -89,10 +89,10 @@ static void NAME(gemm)(int64_t M, int64_t N, int64_t K, const VEC *A, int64_t ar
  * multipliers on the held controls (diffmpc_multipliers).
  */
 static int NAME(riccati_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n, int64_t m,
-                          const REAL *C, const int64_t *sC, const REAL *c, const int64_t *sc,
-                          const REAL *Fh, const int64_t *sF, const uint8_t *fr,
-                          const int64_t *sfr, REAL *Kh, REAL *L, int32_t *info, REAL *dV,
-                          const REAL *hv, const int64_t *shv, REAL *Qu)
+                               const REAL *C, const int64_t *sC, const REAL *c, const int64_t *sc,
+                               const REAL *Fh, const int64_t *sF, const uint8_t *fr,
+                               const int64_t *sfr, REAL *Kh, REAL *L, int32_t *info, REAL *dV,
+                               const REAL *hv, const int64_t *shv, REAL *Qu)
 {
     const int64_t p = n + m, nh = n + 1, groups = (B + LANES - 1) / LANES;
     const int64_t mine = (hi - lo + LANES - 1) / LANES;  /* this range's groups */
@@ -353,9 +353,9 @@ int NAME(diffmpc_multipliers)(int threads, int64_t B, int64_t T, int64_t n, int6
  * time-major, so each step reads one block of memory. Returns 0.
  */
 static int NAME(rollout_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n, int64_t m,
-                          const REAL *K, const int64_t *sK, const REAL *k, const int64_t *sk,
-                          const REAL *Fh, const int64_t *sF, const REAL *x0,
-                          const int64_t *sx0, int offsets, REAL *x, REAL *u)
+                               const REAL *K, const int64_t *sK, const REAL *k, const int64_t *sk,
+                               const REAL *Fh, const int64_t *sF, const REAL *x0,
+                               const int64_t *sx0, int offsets, REAL *x, REAL *u)
 {
     for (int64_t b = lo; b < hi; ++b)
         for (int64_t i = 0; i < n; ++i)
@@ -529,7 +529,7 @@ int NAME(diffmpc_feedforward)(int threads, int64_t B, int64_t T, int64_t n, int6
  * factorization). Returns 0, or -1 if out of memory.
  */
 static int NAME(check_cost_range)(int64_t lo, int64_t hi, int64_t N, int64_t p, int64_t n,
-                             const REAL *C, const int64_t *sC, double *out)
+                                  const REAL *C, const int64_t *sC, double *out)
 {
     const int64_t m = p - n;
     REAL *Lw = (REAL *)malloc((size_t)(m * m + 1) * sizeof(REAL));
@@ -602,8 +602,8 @@ int NAME(diffmpc_check_cost)(int threads, int64_t N, int64_t p, int64_t n, const
 
 /* y = A x (trans = 0, y [B, T, r]) or y = A' x (trans = 1, y [B, T, c]) for A [B, T, r, c]. */
 static int NAME(matvec_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t r, int64_t c,
-                         const REAL *A, const int64_t *sA, const REAL *x, const int64_t *sx,
-                         int trans, REAL *y)
+                              const REAL *A, const int64_t *sA, const REAL *x, const int64_t *sx,
+                              int trans, REAL *y)
 {
     const int64_t out = trans ? c : r;
     for (int64_t b = lo; b < hi; ++b)
@@ -689,9 +689,9 @@ int NAME(diffmpc_matvec_pair)(int threads, int64_t B, int64_t T, int64_t r, int6
 /* G [B, T, r, c] = alpha (g x' + y z') (y, z NULL: alpha g x'), contiguous; with sym (r = c,
  * alpha = 1/2, y = x, z = g) the symmetrized gradient (g x' + x g') / 2. */
 static int NAME(outer_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t r, int64_t c,
-                        const REAL *g, const int64_t *sg, const REAL *x, const int64_t *sx,
-                        const REAL *y, const int64_t *sy, const REAL *z, const int64_t *sz,
-                        double alpha, REAL *G)
+                             const REAL *g, const int64_t *sg, const REAL *x, const int64_t *sx,
+                             const REAL *y, const int64_t *sy, const REAL *z, const int64_t *sz,
+                             double alpha, REAL *G)
 {
     const REAL al = (REAL)alpha;
     for (int64_t b = lo; b < hi; ++b)
@@ -729,8 +729,9 @@ int NAME(diffmpc_outer)(int threads, int64_t B, int64_t T, int64_t r, int64_t c,
 /* Stage costs of a quadratic cost: v [B, T] = 1/2 tau' C tau + c' tau, C [B, T, p, p],
  * c and tau [B, T, p]; and, if Cx is not NULL, Cx [B, T, p] = C tau (the gradient's part). */
 static int NAME(quad_value_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t p,
-                             const REAL *C, const int64_t *sC, const REAL *c, const int64_t *sc,
-                             const REAL *tau, const int64_t *st, REAL *v, REAL *Cx)
+                                  const REAL *C, const int64_t *sC, const REAL *c,
+                                  const int64_t *sc, const REAL *tau, const int64_t *st, REAL *v,
+                                  REAL *Cx)
 {
     for (int64_t b = lo; b < hi; ++b)
         for (int64_t t = 0; t < T; ++t) {
@@ -826,13 +827,12 @@ static void NAME(load_blocks)(VEC *dst, const REAL *const *P, int64_t rows, int6
 }
 
 static int NAME(scalar_riccati_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n,
-                                 const REAL *Ch,
-                                 const int64_t *sC, const REAL *Fh, const int64_t *sF,
-                                 const REAL *lw, const int64_t *sl, const REAL *up,
-                                 const int64_t *sh, const uint8_t *fr, const int64_t *sfr,
-                                 const REAL *reg, const int64_t *sr, const REAL *floor_,
-                                 const int64_t *sf, REAL *Kh, uint8_t *free_out, REAL *qu,
-                                 REAL *h_out, REAL *hr_out)
+                                      const REAL *Ch, const int64_t *sC, const REAL *Fh,
+                                      const int64_t *sF, const REAL *lw, const int64_t *sl,
+                                      const REAL *up, const int64_t *sh, const uint8_t *fr,
+                                      const int64_t *sfr, const REAL *reg, const int64_t *sr,
+                                      const REAL *floor_, const int64_t *sf, REAL *Kh,
+                                      uint8_t *free_out, REAL *qu, REAL *h_out, REAL *hr_out)
 {
     const int64_t nh = n + 1, ph = n + 2, c = n + 1;  /* c: the control's homogeneous index */
     const int64_t groups = (hi - lo + LANES - 1) / LANES;  /* this range's */
