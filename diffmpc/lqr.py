@@ -139,6 +139,8 @@ def homogeneous_cost(C: Tensor, c: Tensor, batch_last: bool = False) -> Tensor:
     as the quadratic form ``1/2 [1; tau]' Ch [1; tau]``. ``batch_last``: stored ``[T, p+1, p+1,
     B]`` instead (``_scalar_riccati``'s storage on CPU batches)."""
     B, T, p = C.shape[0], C.shape[1], C.shape[-1]
+    if native.handles(C, c) and c.shape == C.shape[:3]:
+        return native.homogeneous_cost(C, c, batch_last)
     store, out = _fresh(C, T, B, p + 1, p + 1, batch_last)
     out[..., 1:, 1:] = C.transpose(0, 1)
     ct = c.transpose(0, 1)
@@ -152,8 +154,8 @@ def homogeneous_dynamics(F: Tensor, d: Tensor | None, batch_last: bool = False) 
     """``[[1, 0], [d, F]]``, time-major ``[T-1, B, n+1, p+1]``: ``[1; x'] = Fh [1; x; u]``.
     ``batch_last``: stored ``[T-1, n+1, p+1, B]`` instead (as ``homogeneous_cost``)."""
     B, T1, n, p = F.shape
-    if not batch_last and native.handles(F, d) and (d is None or d.shape == F.shape[:3]):
-        return native.homogeneous(F, d)
+    if native.handles(F, d) and (d is None or d.shape == F.shape[:3]):
+        return native.homogeneous(F, d, batch_last)
     store, out = _fresh(F, T1, B, n + 1, p + 1, batch_last)
     out[..., 1:, 1:] = F.transpose(0, 1)
     out[..., 0, :] = 0.0

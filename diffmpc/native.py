@@ -44,7 +44,7 @@ from torch import Tensor
 
 __all__ = ["available", "threaded", "status", "enabled", "riccati", "multipliers", "rollout",
            "costate", "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
-           "homogeneous", "scalar_riccati"]
+           "homogeneous", "homogeneous_cost", "scalar_riccati"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _OFF = ("0", "false", "no", "off")
@@ -151,7 +151,8 @@ def _build() -> ctypes.CDLL:
                   "matvec_pair": [ctypes.c_int] + [i64] * 4 + [ptr] * 8,
                   "outer": [ctypes.c_int] + [i64] * 4 + [ptr] * 8 + [ctypes.c_double, ptr],
                   "quad_value": [ctypes.c_int] + [i64] * 3 + [ptr] * 8,
-                  "homogeneous": [ctypes.c_int] + [i64] * 4 + [ptr] * 5,
+                  "homogeneous": [ctypes.c_int] + [i64] * 4 + [ptr] * 6
+                  + [ctypes.c_double, ptr, ptr],
                   "scalar_riccati": [ctypes.c_int] + [i64] * 3 + [ptr] * 19}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
@@ -429,13 +430,28 @@ def quad_value(C: Tensor, c: Tensor, tau: Tensor, with_product: bool = False):
     return (v, Ct) if with_product else v
 
 
-def homogeneous(F: Tensor, d: Tensor | None) -> Tensor:
-    """``lqr.homogeneous_dynamics(F, d)`` (time-major ``[T-1, B, n+1, p+1]``) in one pass."""
-    B, T1, n, p = F.shape
-    Fh = F.new_empty(T1, B, n + 1, p + 1)
-    _kernel("homogeneous", F.dtype)(_threads(B, _GRAIN), B, T1, n, p, *_view(F), *_view(d),
-                                    Fh.data_ptr())
-    return Fh
+def _homogeneous(M: Tensor, top: Tensor | None, left: Tensor | None, corner: float,
+                 batch_last: bool) -> Tensor:
+    """``[[corner, top'], [left, M]]`` per sample and step of ``M [B, T, r, c]``, time-major
+    ``[T, B, r+1, c+1]`` or batch-last ``[T, r+1, c+1, B]`` (zeros for a None top or left)."""
+    B, T, r, c = M.shape
+    H = M.new_empty((T, r + 1, c + 1, B) if batch_last else (T, B, r + 1, c + 1))
+    view = H.permute(0, 3, 1, 2) if batch_last else H  # [T, B, r+1, c+1]
+    _kernel("homogeneous", M.dtype)(_threads(B, _GRAIN), B, T, r, c, *_view(M), *_view(top),
+                                    *_view(left), float(corner), H.data_ptr(),
+                                    (ctypes.c_int64 * 4)(*view.stride()))
+    return H
+
+
+def homogeneous(F: Tensor, d: Tensor | None, batch_last: bool = False) -> Tensor:
+    """``lqr.homogeneous_dynamics(F, d, batch_last)`` (``[[1, 0], [d, F]]``, time-major
+    ``[T-1, B, n+1, p+1]`` or batch-last ``[T-1, n+1, p+1, B]``) in one pass."""
+    return _homogeneous(F, None, d, 1.0, batch_last)
+
+
+def homogeneous_cost(C: Tensor, c: Tensor, batch_last: bool = False) -> Tensor:
+    """``lqr.homogeneous_cost(C, c, batch_last)`` (``[[0, c'], [c, C]]``) in one pass."""
+    return _homogeneous(C, c, c, 0.0, batch_last)
 
 
 def scalar_riccati(Ch: Tensor, Fh: Tensor | None, n: int, lower: Tensor | None,

@@ -475,13 +475,22 @@ def test_quadratic_stage_cost_gradients(make_problem):
 
 
 @needs_native
-def test_homogeneous_dynamics_equal_pytorch(make_problem):
+@pytest.mark.parametrize("batch_last", [False, True])
+def test_homogeneous_dynamics_and_cost_equal_pytorch(make_problem, batch_last):
+    """Both storages (time-major, and the one-control pass's batch-last), from time-major,
+    broadcast and transposed operands: the same numbers as the PyTorch builders, to the bit."""
     prob = make_problem(5, 6, 3, 2, seed=6)
     F = prob.F.transpose(0, 1).contiguous().transpose(0, 1)  # time-major storage
     for d in (prob.f, None, prob.f[0].expand(5, 5, 3)):
-        got = _spied("homogeneous", lqr.homogeneous_dynamics, F, d)
+        got = _spied("homogeneous", lqr.homogeneous_dynamics, F, d, batch_last)
         with native.enabled(False):
-            assert torch.equal(got, lqr.homogeneous_dynamics(F, d))
+            assert torch.equal(got, lqr.homogeneous_dynamics(F, d, batch_last))
+    C_shared = prob.C[0, 0].expand(5, 6, 5, 5)
+    c_t = prob.c.transpose(0, 1).contiguous().transpose(0, 1)
+    for C, c in ((prob.C, prob.c), (C_shared, c_t), (prob.C.mT, prob.c[:1].expand(5, 6, 5))):
+        got = _spied("homogeneous_cost", lqr.homogeneous_cost, C, c, batch_last)
+        with native.enabled(False):
+            assert torch.equal(got, lqr.homogeneous_cost(C, c, batch_last))
 
 
 @needs_native
@@ -546,16 +555,19 @@ def _every_kernel(prob, n: int):
     tau = torch.randn(B, T, n + m, generator=g, dtype=C.dtype)
     Fh = native.homogeneous(F, f)
     Fb = Fh.transpose(0, 1)
-    out = list(native.riccati(C, c, Fb, free, n, True, held=held, rows=True))
-    Kh = out[0].transpose(0, 1)
+    blocks = [native.homogeneous(F, f, batch_last=True), native.homogeneous_cost(C, c),
+              native.homogeneous_cost(C, c, batch_last=True)]
+    ric = list(native.riccati(C, c, Fb, free, n, True, held=held, rows=True))
+    Kh = ric[0].transpose(0, 1)
     x, u = native.rollout(Kh[..., 1:], Kh[..., 0], Fb, prob.x_init, True)
-    out += [Fh, x, u, native.multipliers(out[4], x, u),
-            native.costate(c[..., :n], Fb[:, :, 1:, 1:n + 1]),
-            native.feedforward(c, Fb, Kh[..., 1:], free, out[1].transpose(0, 1)),
-            native.matvec(C, tau), native.matvec(C, tau, trans=True),
-            *native.matvec_pair(F, tau, c[:, :-1, :n]), native.outer(tau, tau, c, c, 0.5),
-            *native.quad_value(C, c, tau, with_product=True),
-            torch.tensor(native.check_cost(C.flatten(0, 1), n))]
+    out = blocks + ric + [Fh, x, u, native.multipliers(ric[4], x, u),
+                          native.costate(c[..., :n], Fb[:, :, 1:, 1:n + 1]),
+                          native.feedforward(c, Fb, Kh[..., 1:], free, ric[1].transpose(0, 1)),
+                          native.matvec(C, tau), native.matvec(C, tau, trans=True),
+                          *native.matvec_pair(F, tau, c[:, :-1, :n]),
+                          native.outer(tau, tau, c, c, 0.5),
+                          *native.quad_value(C, c, tau, with_product=True),
+                          torch.tensor(native.check_cost(C.flatten(0, 1), n))]
     Ch = lqr.homogeneous_cost(C[..., :n + 1, :n + 1], c[..., :n + 1]).transpose(0, 1)
     Fh1 = native.homogeneous(F[..., :n + 1], f).transpose(0, 1)
     lo = torch.full((B, T), -0.3, dtype=C.dtype)

@@ -762,42 +762,72 @@ int NAME(diffmpc_quad_value)(int threads, int64_t B, int64_t T, int64_t p, const
     return rc;
 }
 
-/* Homogeneous dynamics (lqr.homogeneous_dynamics): Fh [T-1, B, n+1, p+1], contiguous, from
- * F [B, T-1, n, p] (strides sF = {batch, time, row, column}) and d (sd = {batch, time, entry};
- * NULL: zero): Fh_t = [[1, 0], [d_t, F_t]]. Returns 0. */
-static int NAME(homogeneous_range)(int64_t lo, int64_t hi, int64_t B, int64_t T1, int64_t n,
-                                   int64_t p, const REAL *F, const int64_t *sF, const REAL *d,
-                                   const int64_t *sd, REAL *Fh)
+/* Homogeneous blocks (lqr.homogeneous_dynamics, lqr.homogeneous_cost): for B samples and T
+ * steps, H_t = [[corner, top_t'], [left_t, M_t]] with M_t rows x cols (strides sM = {batch, time,
+ * row, column}), top_t cols and left_t rows (st, sl = {batch, time, entry}; NULL: zeros); the
+ * dynamics [[1, 0], [d, F]] and the cost [[0, c'], [c, C]]. Output H through the strides so =
+ * {time, batch, row, column} (time-major, or batch-last with so[1] == 1: then the samples are the
+ * inner loop, so that every write is adjacent to the last). Returns 0. */
+static int NAME(homogeneous_range)(int64_t lo, int64_t hi, int64_t T, int64_t rows, int64_t cols,
+                                   const REAL *M, const int64_t *sM, const REAL *top,
+                                   const int64_t *st, const REAL *left, const int64_t *sl,
+                                   double corner, REAL *H, const int64_t *so)
 {
-    const int64_t ph = p + 1;
-    for (int64_t t = 0; t < T1; ++t)
+    const REAL c0 = (REAL)corner;
+    if (so[1] == 1) {
+        for (int64_t t = 0; t < T; ++t) {
+            REAL *Ht = H + t * so[0];
+            for (int64_t b = lo; b < hi; ++b)
+                Ht[b] = c0;
+            for (int64_t j = 0; j < cols; ++j) {
+                REAL *dst = Ht + (j + 1) * so[3];
+                for (int64_t b = lo; b < hi; ++b)
+                    dst[b] = top == NULL ? 0 : top[b * st[0] + t * st[1] + j * st[2]];
+            }
+            for (int64_t i = 0; i < rows; ++i) {
+                REAL *row = Ht + (i + 1) * so[2];
+                for (int64_t b = lo; b < hi; ++b)
+                    row[b] = left == NULL ? 0 : left[b * sl[0] + t * sl[1] + i * sl[2]];
+                for (int64_t j = 0; j < cols; ++j) {
+                    const REAL *src = M + t * sM[1] + i * sM[2] + j * sM[3];
+                    REAL *dst = row + (j + 1) * so[3];
+                    for (int64_t b = lo; b < hi; ++b)
+                        dst[b] = src[b * sM[0]];
+                }
+            }
+        }
+        return 0;
+    }
+    for (int64_t t = 0; t < T; ++t)
         for (int64_t b = lo; b < hi; ++b) {
-            REAL *out = Fh + (t * B + b) * (n + 1) * ph;
-            const REAL *Ft = F + b * sF[0] + t * sF[1];
-            out[0] = 1;
-            for (int64_t j = 1; j < ph; ++j)
-                out[j] = 0;
-            for (int64_t i = 0; i < n; ++i) {
-                REAL *row = out + (i + 1) * ph;
-                const REAL *src = Ft + i * sF[2];
-                row[0] = d == NULL ? 0 : d[b * sd[0] + t * sd[1] + i * sd[2]];
-                if (sF[3] == 1)
-                    for (int64_t j = 0; j < p; ++j)
+            REAL *out = H + t * so[0] + b * so[1];
+            const REAL *Mt = M + b * sM[0] + t * sM[1];
+            out[0] = c0;
+            for (int64_t j = 0; j < cols; ++j)
+                out[(j + 1) * so[3]] = top == NULL ? 0 : top[b * st[0] + t * st[1] + j * st[2]];
+            for (int64_t i = 0; i < rows; ++i) {
+                REAL *row = out + (i + 1) * so[2];
+                const REAL *src = Mt + i * sM[2];
+                row[0] = left == NULL ? 0 : left[b * sl[0] + t * sl[1] + i * sl[2]];
+                if (sM[3] == 1 && so[3] == 1)
+                    for (int64_t j = 0; j < cols; ++j)
                         row[j + 1] = src[j];
                 else
-                    for (int64_t j = 0; j < p; ++j)
-                        row[j + 1] = src[j * sF[3]];
+                    for (int64_t j = 0; j < cols; ++j)
+                        row[(j + 1) * so[3]] = src[j * sM[3]];
             }
         }
     return 0;
 }
 
-int NAME(diffmpc_homogeneous)(int threads, int64_t B, int64_t T1, int64_t n, int64_t p,
-                              const REAL *F, const int64_t *sF, const REAL *d, const int64_t *sd,
-                              REAL *Fh)
+int NAME(diffmpc_homogeneous)(int threads, int64_t B, int64_t T, int64_t rows, int64_t cols,
+                              const REAL *M, const int64_t *sM, const REAL *top, const int64_t *st,
+                              const REAL *left, const int64_t *sl, double corner, REAL *H,
+                              const int64_t *so)
 {
     int rc = 0;
-    RANGES(threads, B, 1, rc, NAME(homogeneous_range)(lo, hi, B, T1, n, p, F, sF, d, sd, Fh));
+    RANGES(threads, B, 1, rc, NAME(homogeneous_range)(lo, hi, T, rows, cols, M, sM, top, st, left,
+                                                      sl, corner, H, so));
     return rc;
 }
 
