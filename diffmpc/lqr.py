@@ -317,7 +317,8 @@ def _native_riccati(C, c, Ch, Fh, free, n, expected) -> Gains:
 def held_pass(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor, held: Tensor
               ) -> tuple[Gains, Tensor]:
     """A compiled fixed-set pass (``compiled_pass`` must hold) whose held controls sit at the
-    values ``held [B, T, m]`` (``~free``; the free entries are ignored) rather than at zero.
+    values ``held [B, T, m]`` (``~free``; the free entries, multiplied by zero, must be finite)
+    rather than at zero.
 
     Args:
         C, c: the cost ``[B, T, p, p]``, ``[B, T, p]`` (absolute coordinates, tau = 0).
