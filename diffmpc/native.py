@@ -91,8 +91,9 @@ def _compile(cc: str, flags: tuple[str, ...], version: str) -> Path:
     out = _cache_dir() / name
     if out.exists():
         return out
-    if out.with_suffix(".failed").exists():
-        raise RuntimeError(out.with_suffix(".failed").read_text())
+    marker = out.with_suffix(".failed")
+    if marker.exists():
+        raise RuntimeError(f"{marker.read_text()} (an earlier build; delete {marker} to retry)")
     # build beside the target, then rename: concurrent processes (pytest -n) never load a
     # half-written library; a cache directory that cannot be written gives way to the system's
     # temporary directory
@@ -110,7 +111,7 @@ def _compile(cc: str, flags: tuple[str, ...], version: str) -> Path:
         if res.returncode != 0:
             reason = f"{cc} failed to compile {src / 'lq.c'}: {res.stderr.strip()[-2000:]}"
             with contextlib.suppress(OSError):
-                out.with_suffix(".failed").write_text(reason)
+                marker.write_text(reason)
             raise RuntimeError(reason)
         os.replace(tmp, out)
     finally:

@@ -648,3 +648,30 @@ def test_kernels_run_on_one_thread_in_a_forked_child(tmp_path):
     r = _python(_FORKED)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "1"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a shell script stands in for the compiler")
+def test_a_failed_build_is_remembered(tmp_path):
+    """A compiler that fails leaves a marker per build in the cache: the next process reports
+    the earlier failure (and how to retry) without compiling again, and falls back as before."""
+    cc = tmp_path / "fakecc"
+    log = tmp_path / "calls"
+    cc.write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
+                  'if [ "$1" = "--version" ]; then echo fakecc 1.0; exit 0; fi\n'
+                  'echo "fakecc: cannot compile" >&2\nexit 1\n')
+    cc.chmod(0o755)
+    env = {"CC": str(cc), "DIFFMPC_CACHE_DIR": str(tmp_path / "cache")}
+    first = _python(_SOLVE, **env)
+    compiles = [line for line in log.read_text().splitlines() if "-o" in line.split()]
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0].startswith("unavailable: ")
+    assert "fakecc: cannot compile" in first.stdout
+    assert len(compiles) == 2  # with OpenMP, then without
+    assert len(list((tmp_path / "cache").glob("lq-*.failed"))) == 2
+    second = _python(_SOLVE, **env)
+    assert second.returncode == 0, second.stderr
+    status = second.stdout.splitlines()[0]
+    assert "an earlier build; delete" in status and "to retry" in status
+    again = [line for line in log.read_text().splitlines() if "-o" in line.split()]
+    assert len(again) == 2  # no new compile
+    assert second.stdout.splitlines()[1] == first.stdout.splitlines()[1]  # the same solution
