@@ -306,12 +306,19 @@ def _native_riccati(C, c, Ch, Fh, free, n, expected) -> Gains:
     if Ch is not None:
         Cb = Ch.transpose(0, 1)
         C, c = Cb[..., 1:, 1:], Cb[..., 1:, 0]
-    Kh, L, info, dV, _ = native.riccati(C, c, None if Fh is None else Fh.transpose(0, 1), free,
-                                        n, expected)
+    gains = _compiled_gains(C, c, Fh, free, n, expected)[0]
+    if free is None:  # all free (the kernel was told None: no masks to apply)
+        gains.free = torch.ones(gains.k.shape, dtype=torch.bool, device=C.device)
+    return gains
+
+
+def _compiled_gains(C, c, Fh, free, n, expected, held=None) -> tuple[Gains, Tensor | None]:
+    """The compiled pass's gains (batch-first views of its time-major outputs) and, where
+    ``held`` is given, its control rows of ``[Q | q]`` (``native.riccati(..., rows=True)``)."""
+    Kh, L, info, dV, Qu = native.riccati(C, c, None if Fh is None else Fh.transpose(0, 1), free,
+                                         n, expected, held=held, rows=held is not None)
     Kh, L = Kh.transpose(0, 1), L.transpose(0, 1)
-    if free is None:
-        free = torch.ones(Kh.shape[:3], dtype=torch.bool, device=C.device)
-    return Gains(Kh[..., 1:], Kh[..., 0], free, dV, (info == 0).all(0), L, Fh)
+    return Gains(Kh[..., 1:], Kh[..., 0], free, dV, (info == 0).all(0), L, Fh), Qu
 
 
 def held_pass(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor, held: Tensor
@@ -331,11 +338,7 @@ def held_pass(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor, held: Tenso
         gives every control), and the control rows of each step's ``[Q | q]`` (in the kernel's
         storage), for ``multipliers``.
     """
-    n = C.shape[-1] - free.shape[-1]
-    Kh, L, info, _, Qu = native.riccati(C, c, None if Fh is None else Fh.transpose(0, 1), free,
-                                        n, False, held=held, rows=True)
-    Kh, L = Kh.transpose(0, 1), L.transpose(0, 1)
-    return Gains(Kh[..., 1:], Kh[..., 0], free, None, (info == 0).all(0), L, Fh), Qu
+    return _compiled_gains(C, c, Fh, free, C.shape[-1] - free.shape[-1], False, held)
 
 
 def multipliers(Qu: Tensor, x: Tensor, u: Tensor) -> Tensor:

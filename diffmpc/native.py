@@ -267,7 +267,7 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 def _lanes() -> int:
-    """Samples per vector of the compiled kernels (the passes' ranges start at multiples)."""
+    """Samples per vector of the compiled kernels (the layout of ``riccati``'s rows)."""
     return _load().diffmpc_lanes()
 
 
@@ -305,8 +305,10 @@ def riccati(C: Tensor, c: Tensor, Fh: Tensor | None, free: Tensor | None, n: int
     L = C.new_empty(T, B, m, m)
     info = torch.empty(T, B, dtype=torch.int32)
     dV = C.new_empty(B, 2) if expected else None
-    lanes = _lanes()
-    Qu = C.new_empty(T, (B + lanes - 1) // lanes, m, p + 1, lanes) if rows else None
+    Qu = None
+    if rows:
+        lanes = _lanes()
+        Qu = C.new_empty(T, (B + lanes - 1) // lanes, m, p + 1, lanes)
     rc = _kernel("riccati", C.dtype)(_threads(B, _GRAIN_PASS), B, T, n, m, *_view(C), *_view(c),
                                      *_view(Fh), *_view(free), Kh.data_ptr(), L.data_ptr(),
                                      info.data_ptr(), None if dV is None else dV.data_ptr(),
