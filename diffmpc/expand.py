@@ -261,6 +261,12 @@ class TrajDynamics:
         fn = make()
         return lambda t, x, u, reps=1: fn(x, u)
 
+    def native_model(self) -> tuple[int, Tensor] | None:
+        """The model's compiled step ``(model, constants)`` for ``diffmpc.native.model_rollout``
+        (``diffmpc.systems``' Euler steps), or None."""
+        get = None if self.linear else getattr(self.raw, "_native_model", None)
+        return None if get is None else get()
+
     def all(self, x: Tensor, u: Tensor) -> Tensor:
         """Next states for every step: x ``[B, T-1, n]``, u ``[B, T-1, m]`` -> ``[B, T-1, n]``."""
         if x.shape[-2] == 0:  # T = 1: no transition

@@ -128,8 +128,19 @@ class IterResult:
     gains: Gains | None = None  # an LQ solve's factorization at its final free set, if any
 
 
+def _native_model(dyn: TrajDynamics, z: Tensor) -> tuple[int, Tensor] | None:
+    """The compiled step of a built-in model, where rollouts of CPU tensors like ``z`` can run on
+    it (``native.model_rollout``); else None."""
+    if z.device.type != "cpu" or not native.available():
+        return None
+    return dyn.native_model()
+
+
 def rollout(dyn: TrajDynamics, x_init: Tensor, u: Tensor) -> Tensor:
     """Open-loop states ``[B, T, n]`` from x_init ``[B, n]`` and controls ``[B, T, m]``."""
+    model = _native_model(dyn, u)
+    if model is not None and native.handles(u, x_init, model[1]):
+        return native.model_rollout(*model, x_init, u)[0][0]
     xs = [x_init]
     step = dyn.stepper()
     for t in range(u.shape[1] - 1):
@@ -189,8 +200,19 @@ def _search(x_init, cost, dyn, x, u, J, gains, lower, upper, alphas, floor, near
     Returns x ``[B, T, n]``, u ``[B, T, m]``, cost ``[B]`` of that step, its index, and whether
     one was accepted.
     """
-    Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
-    Jc = cost.value(Xc, Uc).sum(-1)  # [A, B]
+    model = _native_model(dyn, x)
+    C, c = (cost.C, cost.c) if cost.quadratic else (None, None)
+    if model is not None and native.handles(x, x_init, u, gains.K, gains.k, alphas, lower, upper,
+                                            model[1], C, c):
+        # a built-in model's compiled step: the rollouts and their costs in one call (pendulum
+        # B = 256, T = 50: the line search 256 -> 70 ms a solve, cartpole 685 -> 193 ms)
+        Xc, Uc, Jc = native.model_rollout(*model, x_init, u, x, gains.K, gains.k, alphas, lower,
+                                          upper, C, c)
+        if Jc is None:
+            Jc = cost.value(Xc, Uc).sum(-1)
+    else:
+        Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
+        Jc = cost.value(Xc, Uc).sum(-1)  # [A, B]
     first, found = _pick(J.detach(), Jc.detach(), floor, near)
     ar = torch.arange(x.shape[0], device=x.device)
     return Xc[first, ar], Uc[first, ar], Jc[first, ar], first, found

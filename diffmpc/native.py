@@ -1,5 +1,6 @@
 """Native kernels: the CPU's linear-quadratic passes compiled from C on first use, with PyTorch
-operations as the fallback.
+operations as the fallback; also the line search's rollouts of the built-in models (the Euler
+steps of ``diffmpc.systems.Pendulum`` and ``Cartpole``, ``model_rollout``).
 
 On a CPU the sequential passes of a batched LQ solve (Riccati recursions, rollouts, costates)
 and the products over its ``[B, T]`` blocks (``C tau``, ``F' lam``, gradient outer products)
@@ -44,7 +45,7 @@ from torch import Tensor
 
 __all__ = ["available", "threaded", "status", "enabled", "riccati", "multipliers", "rollout",
            "costate", "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
-           "homogeneous", "homogeneous_cost", "scalar_riccati"]
+           "homogeneous", "homogeneous_cost", "scalar_riccati", "model_rollout"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _OFF = ("0", "false", "no", "off")
@@ -154,7 +155,8 @@ def _build() -> ctypes.CDLL:
                   "quad_value": [ctypes.c_int] + [i64] * 3 + [ptr] * 8,
                   "homogeneous": [ctypes.c_int] + [i64] * 4 + [ptr] * 6
                   + [ctypes.c_double, ptr, ptr],
-                  "scalar_riccati": [ctypes.c_int] + [i64] * 3 + [ptr] * 19}
+                  "scalar_riccati": [ctypes.c_int] + [i64] * 3 + [ptr] * 19,
+                  "model_rollout": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 22}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -483,3 +485,40 @@ def scalar_riccati(Ch: Tensor, Fh: Tensor | None, n: int, lower: Tensor | None,
     if rc != 0:
         raise MemoryError("diffmpc.native.scalar_riccati: out of memory")
     return Kh, f, qu, h, hr
+
+
+def model_rollout(model: int, consts: Tensor, x_init: Tensor, u: Tensor, x: Tensor | None = None,
+                  K: Tensor | None = None, k: Tensor | None = None, alphas: Tensor | None = None,
+                  lower: Tensor | None = None, upper: Tensor | None = None,
+                  C: Tensor | None = None, c: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Rollouts of a built-in model's Euler step (``_native_model`` of ``diffmpc.systems``'
+    Pendulum and Cartpole: ``model`` 1 or 2, ``consts`` their constants).
+
+    Open loop (K None): the states ``[1, B, T, n]`` of the controls ``u [B, T, m]``, and u.
+    Closed loop: for every step size ``alphas [A]``, ``u_t = clamp(u_t + alpha k_t + K_t (x_t' -
+    x_t), lower_t, upper_t)`` along the new states x' (``ilqr._closed_loop``); x ``[B, T, n]``,
+    K ``[B, T, m, n]``, k ``[B, T, m]``, lower and upper ``[B, T, m]`` or None (views).
+    With a quadratic cost's C ``[B, T, p, p]`` and c ``[B, T, p]`` (views), also the cost of
+    every rollout.
+
+    Returns X ``[A, B, T, n]``, U ``[A, B, T, m]``, and the costs ``[A, B]`` or None.
+    """
+    B, T, m = u.shape
+    n = x_init.shape[-1]
+    A = 1 if K is None else alphas.shape[0]
+    if (lower is None) != (upper is None):
+        raise ValueError("lower, upper: expected both or neither, got one of them")
+    X, U = u.new_empty(A, B, T, n), u.new_empty(A, B, T, m)
+    J = None if C is None else u.new_empty(A, B)
+    p = consts.detach().to(torch.float64).contiguous()
+    al = None if alphas is None else alphas.contiguous()
+    rc = _kernel("model_rollout", u.dtype)(
+        _threads(A * B, _GRAIN), model, p.data_ptr(), A, B, T, n, m,
+        None if al is None else al.data_ptr(), *_view(x_init), *_view(x), *_view(u), *_view(K),
+        *_view(k), *_view(lower), *_view(upper), *_view(C), *_view(c), X.data_ptr(),
+        U.data_ptr(), None if J is None else J.data_ptr())
+    if rc != 0:
+        raise ValueError(f"model: expected 1 (n = 3, m = 1) or 2 (n = 5, m = 1), got {model} "
+                         f"with n = {n}, m = {m}")
+    return X, U, J

@@ -675,3 +675,203 @@ def test_a_failed_build_is_remembered(tmp_path):
     again = [line for line in log.read_text().splitlines() if "-o" in line.split()]
     assert len(again) == 2  # no new compile
     assert second.stdout.splitlines()[1] == first.stdout.splitlines()[1]  # the same solution
+
+
+def _model_case(cls, dtype, B=37, T=12, A=5, seed=0):
+    """A built-in model, its TrajDynamics and a line search's inputs: states off the unit circle
+    (|(cos, sin)| from 0.5 to 3), one sample at cos = sin = 0, gains with non-contiguous K and
+    bounds broadcast over the batch."""
+    from diffmpc.expand import TrajDynamics
+
+    g = torch.Generator().manual_seed(seed)
+    model = cls(dtype=dtype)
+    n = model.n_state
+    x_init = torch.randn(B, n, generator=g, dtype=dtype)
+    x_init[0, -3:-1] = 0.0  # the angle's (cos, sin): atan2(0, 0)
+    x = torch.randn(B, T, n, generator=g, dtype=dtype)
+    u = 3 * torch.randn(B, T, 1, generator=g, dtype=dtype)
+    K = (0.3 * torch.randn(B, T, n, 1, generator=g, dtype=dtype)).transpose(-1, -2)
+    k = torch.randn(B, T, 1, generator=g, dtype=dtype)
+    alphas = 0.5 ** torch.arange(A, dtype=dtype)
+    one = torch.ones((), dtype=dtype)
+    lo, hi = (-one).expand(B, T, 1), one.expand(B, T, 1)  # most controls at a bound
+    gains = lqr.Gains(K, k, None, None, None)
+    return model, TrajDynamics(model, B, T, n, 1), x_init, x, u, gains, alphas, lo, hi
+
+
+def _spy_model_rollout(fn):
+    calls = []
+    real = native.model_rollout
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    try:
+        native.model_rollout = spy
+        out = fn()
+    finally:
+        native.model_rollout = real
+    return out, calls
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["Pendulum", "Cartpole"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_built_in_model_rollouts_equal_the_models_steps(name, dtype):
+    """The compiled Euler steps of Pendulum and Cartpole (open loop, and the line search's closed
+    loop for several step sizes, clamped to a box most controls hit, with the rollouts' costs)
+    against the models' PyTorch steps and ``TrajCost.value``: the same states, controls and
+    costs to rounding (float32: the kernel computes in double), NaN where the start is NaN, in
+    that sample only."""
+    from diffmpc import ilqr, systems
+    from diffmpc.expand import TrajCost
+
+    model, dyn, x_init, x, u, gains, alphas, lo, hi = _model_case(getattr(systems, name), dtype)
+    B, T, n = x.shape
+    x_init[1, -3] = float("nan")  # the angle's cosine
+    cost = TrajCost(model.default_cost().quad_cost(), B, T, n, 1)
+    C = cost.C + 0.1 * torch.randn(B, T, n + 1, n + 1, dtype=dtype)  # per sample and step
+    C = 0.5 * (C + C.mT)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    spec = model._native_model()
+    with torch.no_grad():
+        X0, U0, J0 = native.model_rollout(*spec, x_init, u)
+        X1, U1, J1 = native.model_rollout(*spec, x_init, u, x, gains.K, gains.k, alphas, lo, hi,
+                                          cost.C, cost.c)
+        _, _, J2 = native.model_rollout(*spec, x_init, u, x, gains.K, gains.k, alphas, lo, hi,
+                                        C, cost.c)
+        with native.enabled(False):
+            R0 = ilqr.rollout(dyn, x_init, u)
+            S1, V1 = ilqr._closed_loop(dyn, x_init, x, u, gains, alphas, lo, hi)
+            Q1 = cost.value(S1, V1).sum(-1)
+            cost.C = C
+            Q2 = cost.value(S1, V1).sum(-1)
+    assert J0 is None and torch.equal(U0[0], u)
+    assert X0.shape == (1, B, T, n) and X1.shape == S1.shape and U1.shape == V1.shape
+    assert X0.dtype == dtype and X1.dtype == dtype and J1.shape == (alphas.shape[0], B)
+    torch.testing.assert_close(X0[0], R0, equal_nan=True, **tol)
+    torch.testing.assert_close(X1, S1, equal_nan=True, **tol)
+    torch.testing.assert_close(U1, V1, equal_nan=True, **tol)
+    torch.testing.assert_close(J1, Q1, equal_nan=True, **tol)
+    torch.testing.assert_close(J2, Q2, equal_nan=True, **tol)
+    assert bool(X1[:, 1, 3:].isnan().all()) and not bool(X1[:, 2:].isnan().any())
+    clamped = (U1[:, 2:] == hi[2:]) | (U1[:, 2:] == lo[2:])
+    assert 0.3 < clamped.double().mean() < 1.0
+    # the sample at cos = sin = 0 stepped as atan2 does (angle 0), not into NaN
+    assert bool(X0[0, 0].isfinite().all())
+
+
+@needs_native
+def test_built_in_model_rollouts_do_not_depend_on_threads():
+    """203 samples times 3 step sizes split over 1, 2 and 3 threads: the same bits."""
+    if not native.threaded():
+        pytest.skip("the kernels were built without OpenMP")
+    from diffmpc.systems import Cartpole
+
+    model, _, x_init, x, u, gains, alphas, lo, hi = _model_case(Cartpole, torch.float64, B=203,
+                                                                A=3)
+    quad = model.default_cost().quad_cost()
+    C, c = quad.C.expand(203, 12, 6, 6), quad.c.expand(203, 12, 6)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(native.model_rollout(*model._native_model(), x_init, u, x, gains.K,
+                                             gains.k, alphas, lo, hi, C, c))
+    finally:
+        torch.set_num_threads(before)
+    for out in outs[1:]:
+        for a, b in zip(out, outs[0], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_changed_or_rk4_models_keep_their_pytorch_steps():
+    """A subclass that changes the physics, and RK4, have no compiled step: a solve then follows
+    the model it was given (every transition of the solution is the model's step)."""
+    import diffmpc as dm
+    from diffmpc.systems import Cartpole, Pendulum
+
+    class Damped(Pendulum):
+        def _step(self, x, u, consts):
+            nxt = super()._step(x, u, consts)
+            return torch.cat([nxt[..., :2], 0.5 * nxt[..., 2:]], -1)
+
+    class Heavy(Cartpole):
+        def accel(self, *args, **kw):
+            pdd, thdd = super().accel(*args, **kw)
+            return 2 * pdd, thdd
+
+    assert Pendulum()._native_model()[0] == 1 and Cartpole()._native_model()[0] == 2
+    for model in (Damped(dtype=torch.float64), Heavy(dtype=torch.float64),
+                  Pendulum(method="rk4", dtype=torch.float64),
+                  Cartpole(method="rk4", dtype=torch.float64)):
+        assert model._native_model() is None, model
+        n, T = model.n_state, 8
+        x_init = torch.randn(4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        if n == 3:
+            x_init[:, :2] = torch.nn.functional.normalize(x_init[:, :2], dim=-1)
+        cost = model.default_cost().quad_cost()
+        mpc = dm.MPC(n, 1, T, model.u_lower, model.u_upper, max_iter=5, unconverged="keep")
+        with torch.no_grad():
+            sol = mpc(x_init, cost, model)
+            torch.testing.assert_close(sol.x[:, 1:], model(sol.x[:, :-1].reshape(-1, n),
+                                       sol.u[:, :-1].reshape(-1, 1)).view(4, T - 1, n),
+                                       rtol=1e-12, atol=1e-12)
+
+
+@needs_native
+def test_model_rollouts_stay_in_pytorch_where_grad_is_recorded():
+    """Unrolled gradients go through the rollouts: with grad recording and parameters that
+    require it, the rollout is PyTorch's (it has a graph to the model's parameters)."""
+    from diffmpc import ilqr
+    from diffmpc.expand import TrajDynamics
+    from diffmpc.systems import Pendulum
+
+    model = Pendulum(dtype=torch.float64)
+    dyn = TrajDynamics(model, 2, 5, 3, 1)
+    x_init = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.5]], dtype=torch.float64)
+    u = torch.ones(2, 5, 1, dtype=torch.float64)
+    x, calls = _spy_model_rollout(lambda: ilqr.rollout(dyn, x_init, u))
+    assert not calls and x.requires_grad
+    x[:, -1].sum().backward()
+    assert model.log_m.grad is not None and model.log_m.grad.abs() > 0
+    with pytest.raises(ValueError, match="model: expected 1"):
+        native.model_rollout(3, torch.ones(3, dtype=torch.float64), x_init, u)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["Pendulum", "Cartpole"])
+def test_swing_up_solves_with_compiled_rollouts_equal_pytorch(name):
+    """A whole swing-up solve (T = 20, 12 random starts) and its gradients, with the models'
+    compiled steps and without: the same solution, iterations and gradients to rounding."""
+    import math
+
+    import diffmpc as dm
+    from diffmpc import systems
+
+    model = getattr(systems, name)(dtype=torch.float64)
+    n, T, B = model.n_state, 20, 12
+    g = torch.Generator().manual_seed(2)
+    th = (2 * torch.rand(B, generator=g, dtype=torch.float64) - 1) * math.pi
+    x0 = 0.5 * torch.randn(B, n, generator=g, dtype=torch.float64)
+    x0[:, -3], x0[:, -2] = th.cos(), th.sin()
+    W = torch.randn(B, T, 1, generator=g, dtype=torch.float64)
+    mpc = dm.MPC(n, 1, T, model.u_lower, model.u_upper, unconverged="keep")
+    out = []
+    for on in (True, False):
+        x_init = x0.clone().requires_grad_(True)
+        model.zero_grad()
+        with native.enabled(on):
+            sol, calls = _spy_model_rollout(
+                lambda: mpc(x_init, model.default_cost().quad_cost(), model))  # noqa: B023
+            (sol.u * W).sum().backward()
+        assert bool(calls) == on
+        out.append((sol, x_init.grad, [p.grad.clone() for p in model.parameters()]))
+    (a, ga, pa), (b, gb, pb) = out
+    assert bool(a.converged.all()) and torch.equal(a.iterations, b.iterations)
+    torch.testing.assert_close(a.u, b.u, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ga, gb, rtol=1e-7, atol=1e-9)
+    for x, y in zip(pa, pb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-9)

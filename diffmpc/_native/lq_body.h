@@ -976,3 +976,132 @@ int NAME(diffmpc_scalar_riccati)(int threads, int64_t B, int64_t T, int64_t n, c
                                                              sf, Kh, free_out, qu, h_out, hr_out));
     return rc;
 }
+
+/* Rollouts of the built-in models (diffmpc.systems' explicit Euler steps, in double precision):
+ * for each step size alphas[a] and sample b, the row r = a B + b of
+ *   x_0 = x_init_b,  u_t = clamp(u0_t + alpha k_t + K_t (x_t - x0_t), lower_t, upper_t),
+ *   x_{t+1} = f(x_t, u_t)
+ * (ilqr._closed_loop's line search); K == NULL: the open loop u_t = u0_t (A = 1, no clamp).
+ *
+ * model 1: Pendulum, consts {dt alpha, dt beta, dt} (its _constants' products):
+ *   w' = w + dt alpha s + dt beta u,  th' = atan2(s, c) + dt w',  x' = [cos th', sin th', w'];
+ * model 2: Cartpole, consts {l, g, 1/M, m_p l, m_p/M, m_p l/M, dt}: its accelerations from
+ *   x = [p, v, c, s, w] as in Cartpole.accel, then x' = [p + dt v, v + dt pdd, cos th', sin th',
+ *   w + dt thdd] with th' = atan2(s, c) + dt w.
+ * cos th', sin th' come from (c, s) / |(c, s)| and the increment's sine and cosine (the same
+ * numbers as through atan2, to rounding; atan2 where |(c, s)| is 0 or not finite).
+ *
+ * With C (QuadCost's [B, T, p, p], p = n + m) and c ([B, T, p]), also each row's cost
+ * J = sum_t tau_t' (C_t tau_t / 2 + c_t), tau_t = [x_t; u_t] (TrajCost.value, summed over time).
+ *
+ * Inputs are views (strides {batch, time, entry...}); X [A, B, T, n], U [A, B, T, m], J [A, B]
+ * contiguous. Returns 0, or 1 for an unknown model or sizes that are not the model's. */
+static void NAME(turn)(double c, double s, double d, REAL *out)
+{
+    const double r = sqrt(c * c + s * s);
+    if (r > 0 && r < HUGE_VAL) {
+        const double sd = sin(d), cd = cos(d);
+        out[0] = (REAL)((c * cd - s * sd) / r);
+        out[1] = (REAL)((s * cd + c * sd) / r);
+    } else {
+        const double th = atan2(s, c) + d;
+        out[0] = (REAL)cos(th);
+        out[1] = (REAL)sin(th);
+    }
+}
+
+static void NAME(model_step)(int model, const double *p, const REAL *x, const REAL *u, REAL *xn)
+{
+    if (model == 1) {
+        const double c = x[0], s = x[1], w = x[2];
+        const double wn = (w + s * p[0]) + (double)u[0] * p[1];
+        NAME(turn)(c, s, p[2] * wn, xn);
+        xn[2] = (REAL)wn;
+    } else {
+        const double l = p[0], g = p[1], inv_M = p[2], mpl = p[3], k = p[4], mu = p[5], dt = p[6];
+        const double pos = x[0], v = x[1], c = x[2], s = x[3], w = x[4];
+        const double a = ((double)u[0] + (mpl * s) * (w * w)) * inv_M;
+        const double thdd = (g * s - c * a) / (l * (4.0 / 3.0 - k * (c * c)));
+        const double pdd = a - (thdd * c) * mu;
+        xn[0] = (REAL)(pos + dt * v);
+        xn[1] = (REAL)(v + dt * pdd);
+        NAME(turn)(c, s, dt * w, xn + 2);
+        xn[4] = (REAL)(w + dt * thdd);
+    }
+}
+
+static int NAME(model_rollout_range)(int64_t lo, int64_t hi, int model, const double *consts,
+                                     int64_t B, int64_t T, int64_t n, int64_t m,
+                                     const REAL *alphas, const REAL *xi, const int64_t *sxi,
+                                     const REAL *x0, const int64_t *sx0, const REAL *u0,
+                                     const int64_t *su0, const REAL *K, const int64_t *sK,
+                                     const REAL *k, const int64_t *sk, const REAL *ul,
+                                     const int64_t *sl, const REAL *uh, const int64_t *sh,
+                                     const REAL *C, const int64_t *sC, const REAL *c,
+                                     const int64_t *sc, REAL *X, REAL *U, REAL *J)
+{
+    const int64_t p = n + m;
+    for (int64_t r = lo; r < hi; ++r) {
+        const int64_t b = r % B;
+        const REAL alpha = K ? alphas[r / B] : 0;
+        REAL *xr = X + r * T * n, *ur = U + r * T * m;
+        double cost = 0;
+        for (int64_t i = 0; i < n; ++i)
+            xr[i] = xi[b * sxi[0] + i * sxi[1]];
+        for (int64_t t = 0; t < T; ++t) {
+            REAL *xt = xr + t * n, *ut = ur + t * m;
+            for (int64_t a = 0; a < m; ++a) {
+                REAL v = u0[b * su0[0] + t * su0[1] + a * su0[2]];
+                if (K) {
+                    const REAL *row = K + b * sK[0] + t * sK[1] + a * sK[2];
+                    const REAL *xo = x0 + b * sx0[0] + t * sx0[1];
+                    v += alpha * k[b * sk[0] + t * sk[1] + a * sk[2]];
+                    for (int64_t j = 0; j < n; ++j)
+                        v += row[j * sK[3]] * (xt[j] - xo[j * sx0[2]]);
+                    if (ul) { /* torch.clamp's order; NaN stays NaN */
+                        const REAL l = ul[b * sl[0] + t * sl[1] + a * sl[2]];
+                        const REAL h = uh[b * sh[0] + t * sh[1] + a * sh[2]];
+                        v = v < l ? l : v;
+                        v = v > h ? h : v;
+                    }
+                }
+                ut[a] = v;
+            }
+            if (t < T - 1)
+                NAME(model_step)(model, consts, xt, ut, xt + n);
+            if (C) {
+                const REAL *Ct = C + b * sC[0] + t * sC[1], *ct = c + b * sc[0] + t * sc[1];
+                for (int64_t i = 0; i < p; ++i) {
+                    const double ti = i < n ? xt[i] : ut[i - n];
+                    double z = 0;
+                    for (int64_t j = 0; j < p; ++j)
+                        z += (double)Ct[i * sC[2] + j * sC[3]] * (j < n ? xt[j] : ut[j - n]);
+                    cost += ti * (0.5 * z + (double)ct[i * sc[2]]);
+                }
+            }
+        }
+        if (C)
+            J[r] = (REAL)cost;
+    }
+    return 0;
+}
+
+int NAME(diffmpc_model_rollout)(int threads, int model, const double *consts, int64_t A,
+                                int64_t B, int64_t T, int64_t n, int64_t m, const REAL *alphas,
+                                const REAL *xi, const int64_t *sxi, const REAL *x0,
+                                const int64_t *sx0, const REAL *u0, const int64_t *su0,
+                                const REAL *K, const int64_t *sK, const REAL *k,
+                                const int64_t *sk, const REAL *ul, const int64_t *sl,
+                                const REAL *uh, const int64_t *sh, const REAL *C,
+                                const int64_t *sC, const REAL *c, const int64_t *sc, REAL *X,
+                                REAL *U, REAL *J)
+{
+    if (!((model == 1 && n == 3 && m == 1) || (model == 2 && n == 5 && m == 1)))
+        return 1;
+    int rc = 0;
+    RANGES(threads, A * B, 1, rc, NAME(model_rollout_range)(lo, hi, model, consts, B, T, n, m,
+                                                            alphas, xi, sxi, x0, sx0, u0, su0, K,
+                                                            sK, k, sk, ul, sl, uh, sh, C, sC, c,
+                                                            sc, X, U, J));
+    return rc;
+}

@@ -131,6 +131,13 @@ class Cartpole(StepModel):
         p, v, th, w = explicit_step(qdot, q, u, self.dt, "rk4").unbind(-1)
         return torch.stack([p, v, torch.cos(th), torch.sin(th), w], -1)
 
+    def _native_model(self) -> tuple[int, Tensor] | None:
+        """The Euler step's compiled copy: model 2, constants ``_constants()`` and ``dt``."""
+        if not self._own_step(Cartpole, "accel"):
+            return None
+        consts = self._constants()
+        return 2, torch.stack([*consts, consts[0].new_tensor(self.dt)])
+
     def _euler_expansion(self, x: Tensor, u: Tensor):
         """First and second derivatives of the Euler step's accelerations and angle in the
         coordinates ``r = [cos th, sin th, thdot, force]`` (the cart's position and velocity do

@@ -115,6 +115,13 @@ class Pendulum(StepModel):
             th_next, w_next = q.unbind(-1)
         return torch.stack([torch.cos(th_next), torch.sin(th_next), w_next], -1)
 
+    def _native_model(self) -> tuple[int, Tensor] | None:
+        """The Euler step's compiled copy: model 1, constants ``[dt alpha, dt beta, dt]``."""
+        if not self._own_step(Pendulum, "_coeffs"):
+            return None
+        consts = self._constants()
+        return 1, torch.stack([consts[2], consts[3], consts[2].new_tensor(self.dt)])
+
     def _euler_expansion(self, x: Tensor, u: Tensor):
         """Pieces of the Euler step's derivatives in ``z = [cos th, sin th, thdot, u]``:
         ``cos th'``, ``sin th'`` ``[N]``, the gradients of ``th'`` and ``thdot'`` ``[4, N]`` (rows
