@@ -194,25 +194,33 @@ def _pick(J0, Jc, floor, near):
     return first, found
 
 
+def _compiled_search(x_init, cost, dyn, x, u, J, gains, lower, upper) -> tuple | None:
+    """The built-in model's compiled step ``(model, constants)`` where the line search can run
+    on it (``native.model_search``: a quadratic cost, CPU tensors, no grad recorded), else
+    None."""
+    model = _native_model(dyn, x) if cost.quadratic else None
+    if model is not None and native.handles(x, x_init, u, J, gains.K, gains.k, lower, upper,
+                                            model[1], cost.C, cost.c):
+        return model
+    return None
+
+
 def _search(x_init, cost, dyn, x, u, J, gains, lower, upper, alphas, floor, near):
     """Closed-loop rollouts for the step sizes ``alphas`` [A]; per sample the largest accepted.
 
     Returns x ``[B, T, n]``, u ``[B, T, m]``, cost ``[B]`` of that step, its index, and whether
     one was accepted.
     """
-    model = _native_model(dyn, x)
-    C, c = (cost.C, cost.c) if cost.quadratic else (None, None)
-    if model is not None and native.handles(x, x_init, u, gains.K, gains.k, alphas, lower, upper,
-                                            model[1], C, c):
-        # a built-in model's compiled step: the rollouts and their costs in one call (pendulum
-        # B = 256, T = 50: the line search 256 -> 70 ms a solve, cartpole 685 -> 193 ms)
-        Xc, Uc, Jc = native.model_rollout(*model, x_init, u, x, gains.K, gains.k, alphas, lower,
-                                          upper, C, c)
-        if Jc is None:
-            Jc = cost.value(Xc, Uc).sum(-1)
-    else:
-        Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
-        Jc = cost.value(Xc, Uc).sum(-1)  # [A, B]
+    model = _compiled_search(x_init, cost, dyn, x, u, J, gains, lower, upper)
+    if model is not None:
+        # a built-in model's compiled step: each sample tries the step sizes in turn and stops
+        # at the first it takes, costs included, in one call (B = 256, T = 50, the line search
+        # of one solve: pendulum 256 -> 47 ms, cartpole 685 -> 110-144 ms; half the rows of
+        # rolling out the sizes at once, and none of the operations' dispatch)
+        return native.model_search(*model, x_init, u, x, gains.K, gains.k, alphas, lower, upper,
+                                   cost.C, cost.c, J, floor, near)
+    Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
+    Jc = cost.value(Xc, Uc).sum(-1)  # [A, B]
     first, found = _pick(J.detach(), Jc.detach(), floor, near)
     ar = torch.arange(x.shape[0], device=x.device)
     return Xc[first, ar], Uc[first, ar], Jc[first, ar], first, found
@@ -343,6 +351,9 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     # the full step first and the rest of the ladder for the samples where it failed; on small
     # batches, where a rollout costs its operations' dispatch whatever its rows, all at once
     at_once = n_alpha * x.shape[0] <= (_LADDER_ROWS_CUDA if x.is_cuda else _LADDER_ROWS)
+    # (a compiled search rolls out no step size past the one a sample takes: always at once)
+    at_once = at_once or _compiled_search(x_init, cost, dyn, x, u, J, gains, lower,
+                                          upper) is not None
     Xa, Ua, Ja, first, found = _search(x_init, cost, dyn, x, u, J, gains, lower, upper,
                                        alphas if at_once else alphas[:1], floor, at_floor)
     retry = (~found & gains.ok).nonzero().squeeze(1)

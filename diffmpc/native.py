@@ -45,7 +45,8 @@ from torch import Tensor
 
 __all__ = ["available", "threaded", "status", "enabled", "riccati", "multipliers", "rollout",
            "costate", "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
-           "homogeneous", "homogeneous_cost", "scalar_riccati", "model_rollout"]
+           "homogeneous", "homogeneous_cost", "scalar_riccati", "model_rollout",
+           "model_search"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _OFF = ("0", "false", "no", "off")
@@ -156,7 +157,8 @@ def _build() -> ctypes.CDLL:
                   "homogeneous": [ctypes.c_int] + [i64] * 4 + [ptr] * 6
                   + [ctypes.c_double, ptr, ptr],
                   "scalar_riccati": [ctypes.c_int] + [i64] * 3 + [ptr] * 19,
-                  "model_rollout": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 22}
+                  "model_rollout": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 6,
+                  "model_search": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 11}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -487,6 +489,24 @@ def scalar_riccati(Ch: Tensor, Fh: Tensor | None, n: int, lower: Tensor | None,
     return Kh, f, qu, h, hr
 
 
+def _model_operands(consts: Tensor, x_init: Tensor, x, u, K, k, lower, upper, C, c):
+    """The model kernels' operand arrays: constants (float64), pointers and strides (each
+    stride array kept alive in the returned tuple)."""
+    if (lower is None) != (upper is None):
+        raise ValueError("lower, upper: expected both or neither, got one of them")
+    p = consts.detach().to(torch.float64).contiguous()
+    views = [_view(t) for t in (x_init, x, u, K, k, lower, upper, C, c)]
+    ptrs = (ctypes.c_void_p * 9)(*(v[0] for v in views))
+    strides = (ctypes.POINTER(ctypes.c_int64) * 9)(
+        *(ctypes.cast(v[1], ctypes.POINTER(ctypes.c_int64)) for v in views))
+    return p, ptrs, strides, views
+
+
+def _model_error(model: int, n: int, m: int) -> ValueError:
+    return ValueError(f"model: expected 1 (n = 3, m = 1) or 2 (n = 5, m = 1), got {model} with "
+                      f"n = {n}, m = {m}")
+
+
 def model_rollout(model: int, consts: Tensor, x_init: Tensor, u: Tensor, x: Tensor | None = None,
                   K: Tensor | None = None, k: Tensor | None = None, alphas: Tensor | None = None,
                   lower: Tensor | None = None, upper: Tensor | None = None,
@@ -507,18 +527,44 @@ def model_rollout(model: int, consts: Tensor, x_init: Tensor, u: Tensor, x: Tens
     B, T, m = u.shape
     n = x_init.shape[-1]
     A = 1 if K is None else alphas.shape[0]
-    if (lower is None) != (upper is None):
-        raise ValueError("lower, upper: expected both or neither, got one of them")
+    p, ptrs, strides, _keep = _model_operands(consts, x_init, x, u, K, k, lower, upper, C, c)
     X, U = u.new_empty(A, B, T, n), u.new_empty(A, B, T, m)
     J = None if C is None else u.new_empty(A, B)
-    p = consts.detach().to(torch.float64).contiguous()
     al = None if alphas is None else alphas.contiguous()
     rc = _kernel("model_rollout", u.dtype)(
         _threads(A * B, _GRAIN), model, p.data_ptr(), A, B, T, n, m,
-        None if al is None else al.data_ptr(), *_view(x_init), *_view(x), *_view(u), *_view(K),
-        *_view(k), *_view(lower), *_view(upper), *_view(C), *_view(c), X.data_ptr(),
-        U.data_ptr(), None if J is None else J.data_ptr())
+        None if al is None else al.data_ptr(), ptrs, strides, X.data_ptr(), U.data_ptr(),
+        None if J is None else J.data_ptr())
     if rc != 0:
-        raise ValueError(f"model: expected 1 (n = 3, m = 1) or 2 (n = 5, m = 1), got {model} "
-                         f"with n = {n}, m = {m}")
+        raise _model_error(model, n, m)
     return X, U, J
+
+
+def model_search(model: int, consts: Tensor, x_init: Tensor, u: Tensor, x: Tensor, K: Tensor,
+                 k: Tensor, alphas: Tensor, lower: Tensor | None, upper: Tensor | None,
+                 C: Tensor, c: Tensor, J0: Tensor, floor: Tensor, near: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The line search of ``ilqr._search`` on a built-in model's compiled step (operands as in
+    ``model_rollout``): each sample rolls out the step sizes ``alphas [A]`` in turn and stops at
+    the first whose cost is below ``J0 [B]`` (the full step also where ``near [B]`` and its
+    cost is at most ``J0 + floor [B]``), so that no sample rolls out the sizes after the one it
+    takes.
+
+    Returns x ``[B, T, n]``, u ``[B, T, m]``, cost ``[B]`` of that step, its index ``[B]``
+    (long) and whether one was found ``[B]`` (bool; where not, index 0 and the last step's
+    trajectory).
+    """
+    B, T, m = u.shape
+    n = x_init.shape[-1]
+    p, ptrs, strides, _keep = _model_operands(consts, x_init, x, u, K, k, lower, upper, C, c)
+    X, U, J = u.new_empty(B, T, n), u.new_empty(B, T, m), u.new_empty(B)
+    first = torch.empty(B, dtype=torch.long)
+    found = torch.empty(B, dtype=torch.bool)
+    J0, floor, near, al = (t.contiguous() for t in (J0, floor, near.to(torch.bool), alphas))
+    rc = _kernel("model_search", u.dtype)(
+        _threads(B, _GRAIN), model, p.data_ptr(), alphas.shape[0], B, T, n, m, al.data_ptr(),
+        ptrs, strides, J0.data_ptr(), floor.data_ptr(), near.data_ptr(), X.data_ptr(),
+        U.data_ptr(), J.data_ptr(), first.data_ptr(), found.data_ptr())
+    if rc != 0:
+        raise _model_error(model, n, m)
+    return X, U, J, first, found

@@ -23,21 +23,27 @@ needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f"native kernels: {native.status()}")
 
 
-def _both(*args, **kw):
-    """``lqr.riccati`` compiled and in PyTorch operations, asserting that the first was
-    compiled (the PyTorch pass stacks its steps, the compiled one fills one block)."""
+def _spy(name: str, fn):
+    """``fn()`` and how many times it called ``native.<name>``."""
     calls = []
-    real = native.riccati
+    real = getattr(native, name)
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
     try:
-        native.riccati = spy
-        fast = lqr.riccati(*args, **kw)
+        setattr(native, name, spy)
+        out = fn()
     finally:
-        native.riccati = real
+        setattr(native, name, real)
+    return out, len(calls)
+
+
+def _both(*args, **kw):
+    """``lqr.riccati`` compiled and in PyTorch operations, asserting that the first was
+    compiled (the PyTorch pass stacks its steps, the compiled one fills one block)."""
+    fast, calls = _spy("riccati", lambda: lqr.riccati(*args, **kw))
     assert calls, "the compiled pass was not used"
     with native.enabled(False):
         ref = lqr.riccati(*args, **kw)
@@ -699,22 +705,6 @@ def _model_case(cls, dtype, B=37, T=12, A=5, seed=0):
     return model, TrajDynamics(model, B, T, n, 1), x_init, x, u, gains, alphas, lo, hi
 
 
-def _spy_model_rollout(fn):
-    calls = []
-    real = native.model_rollout
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    try:
-        native.model_rollout = spy
-        out = fn()
-    finally:
-        native.model_rollout = real
-    return out, calls
-
-
 @needs_native
 @pytest.mark.parametrize("name", ["Pendulum", "Cartpole"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -763,8 +753,50 @@ def test_built_in_model_rollouts_equal_the_models_steps(name, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("name", ["Pendulum", "Cartpole"])
+def test_compiled_line_search_takes_the_steps_the_pytorch_search_takes(name):
+    """``native.model_search`` (each sample tries the step sizes in turn, stopping at the first
+    it takes) against ``ilqr._search`` in PyTorch operations (every size at once, then the
+    largest accepted): the same step index and found flag per sample, the same trajectory and
+    cost. The current costs J0 are set so that samples take different sizes, none, or the full
+    step only by the rounding-floor rule."""
+    from diffmpc import ilqr, systems
+    from diffmpc.expand import TrajCost
+
+    model, dyn, x_init, x, u, gains, alphas, lo, hi = _model_case(getattr(systems, name),
+                                                                  torch.float64, B=40, A=6)
+    B, T, n = x.shape
+    cost = TrajCost(model.default_cost().quad_cost(), B, T, n, 1)
+    with torch.no_grad(), native.enabled(False):
+        S, V = ilqr._closed_loop(dyn, x_init, x, u, gains, alphas, lo, hi)
+        Jc = cost.value(S, V).sum(-1)  # [A, B]
+    g = torch.Generator().manual_seed(5)
+    pick = torch.randint(0, alphas.shape[0], (B,), generator=g)
+    J0 = Jc[pick, torch.arange(B)] * (1 + 1e-6) + 1e-6
+    J0[:4] = -float("inf")  # no step lowers it
+    floor = torch.full((B,), 1e-3, dtype=torch.float64)
+    near = torch.zeros(B, dtype=torch.bool)
+    J0[4:8] = Jc[0, 4:8] - 5e-4  # the full step within the floor: taken where near
+    near[4:6] = True
+    args = (x_init, cost, dyn, x, u, J0, gains, lo, hi, alphas, floor, near)
+    with torch.no_grad():
+        fast, calls = _spy("model_search", lambda: ilqr._search(*args))
+        assert calls, "the compiled search was not used"
+        with native.enabled(False):
+            ref = ilqr._search(*args)
+    assert torch.equal(fast[4], ref[4]) and torch.equal(fast[3], ref[3])
+    assert not bool(fast[4][:4].any()) and bool(fast[4][4:6].all())
+    assert torch.equal(fast[3][4:6], torch.zeros(2, dtype=torch.long))
+    assert len(set(fast[3][fast[4]].tolist())) >= 3
+    ok = fast[4]
+    for a, b in zip(fast[:3], ref[:3], strict=True):
+        torch.testing.assert_close(a[ok], b[ok], rtol=1e-12, atol=1e-12)
+
+
+@needs_native
 def test_built_in_model_rollouts_do_not_depend_on_threads():
-    """203 samples times 3 step sizes split over 1, 2 and 3 threads: the same bits."""
+    """203 samples times 3 step sizes split over 1, 2 and 3 threads, rollouts and line search:
+    the same bits."""
     if not native.threaded():
         pytest.skip("the kernels were built without OpenMP")
     from diffmpc.systems import Cartpole
@@ -778,8 +810,12 @@ def test_built_in_model_rollouts_do_not_depend_on_threads():
         outs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append(native.model_rollout(*model._native_model(), x_init, u, x, gains.K,
-                                             gains.k, alphas, lo, hi, C, c))
+            spec = model._native_model()
+            out = native.model_rollout(*spec, x_init, u, x, gains.K, gains.k, alphas, lo, hi, C, c)
+            J0 = out[2][1] + 1e-9  # the second size is taken where the first is not lower
+            out += native.model_search(*spec, x_init, u, x, gains.K, gains.k, alphas, lo, hi, C,
+                                       c, J0, torch.zeros_like(J0), J0 < 0)
+            outs.append(out)
     finally:
         torch.set_num_threads(before)
     for out in outs[1:]:
@@ -833,7 +869,7 @@ def test_model_rollouts_stay_in_pytorch_where_grad_is_recorded():
     dyn = TrajDynamics(model, 2, 5, 3, 1)
     x_init = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.5]], dtype=torch.float64)
     u = torch.ones(2, 5, 1, dtype=torch.float64)
-    x, calls = _spy_model_rollout(lambda: ilqr.rollout(dyn, x_init, u))
+    x, calls = _spy("model_rollout", lambda: ilqr.rollout(dyn, x_init, u))
     assert not calls and x.requires_grad
     x[:, -1].sum().backward()
     assert model.log_m.grad is not None and model.log_m.grad.abs() > 0
@@ -864,8 +900,8 @@ def test_swing_up_solves_with_compiled_rollouts_equal_pytorch(name):
         x_init = x0.clone().requires_grad_(True)
         model.zero_grad()
         with native.enabled(on):
-            sol, calls = _spy_model_rollout(
-                lambda: mpc(x_init, model.default_cost().quad_cost(), model))  # noqa: B023
+            sol, calls = _spy("model_search",
+                              lambda: mpc(x_init, model.default_cost().quad_cost(), model))  # noqa: B023
             (sol.u * W).sum().backward()
         assert bool(calls) == on
         out.append((sol, x_init.grad, [p.grad.clone() for p in model.parameters()]))

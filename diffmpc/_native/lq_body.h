@@ -1030,78 +1030,143 @@ static void NAME(model_step)(int model, const double *p, const REAL *x, const RE
     }
 }
 
-static int NAME(model_rollout_range)(int64_t lo, int64_t hi, int model, const double *consts,
-                                     int64_t B, int64_t T, int64_t n, int64_t m,
-                                     const REAL *alphas, const REAL *xi, const int64_t *sxi,
-                                     const REAL *x0, const int64_t *sx0, const REAL *u0,
-                                     const int64_t *su0, const REAL *K, const int64_t *sK,
-                                     const REAL *k, const int64_t *sk, const REAL *ul,
-                                     const int64_t *sl, const REAL *uh, const int64_t *sh,
-                                     const REAL *C, const int64_t *sC, const REAL *c,
-                                     const int64_t *sc, REAL *X, REAL *U, REAL *J)
+/* the operands of one batch of model rollouts (see above); MODEL_P: the largest n + m */
+#ifndef MODEL_P
+#define MODEL_P 6
+#endif
+/* the operands of one batch of model rollouts (see above) */
+typedef struct {
+    int model;
+    const double *consts;
+    int64_t B, T, n, m;
+    const REAL *alphas, *xi, *x0, *u0, *K, *k, *ul, *uh, *C, *c;
+    const int64_t *sxi, *sx0, *su0, *sK, *sk, *sl, *sh, *sC, *sc;
+} NAME(model_ops);
+
+/* Rolls sample b out with step size alpha into xr [T, n], ur [T, m]; returns its cost (0 without
+ * C). */
+static double NAME(model_row)(const NAME(model_ops) *o, int64_t b, REAL alpha, REAL *xr, REAL *ur)
 {
-    const int64_t p = n + m;
-    for (int64_t r = lo; r < hi; ++r) {
-        const int64_t b = r % B;
-        const REAL alpha = K ? alphas[r / B] : 0;
-        REAL *xr = X + r * T * n, *ur = U + r * T * m;
-        double cost = 0;
-        for (int64_t i = 0; i < n; ++i)
-            xr[i] = xi[b * sxi[0] + i * sxi[1]];
-        for (int64_t t = 0; t < T; ++t) {
-            REAL *xt = xr + t * n, *ut = ur + t * m;
-            for (int64_t a = 0; a < m; ++a) {
-                REAL v = u0[b * su0[0] + t * su0[1] + a * su0[2]];
-                if (K) {
-                    const REAL *row = K + b * sK[0] + t * sK[1] + a * sK[2];
-                    const REAL *xo = x0 + b * sx0[0] + t * sx0[1];
-                    v += alpha * k[b * sk[0] + t * sk[1] + a * sk[2]];
-                    for (int64_t j = 0; j < n; ++j)
-                        v += row[j * sK[3]] * (xt[j] - xo[j * sx0[2]]);
-                    if (ul) { /* torch.clamp's order; NaN stays NaN */
-                        const REAL l = ul[b * sl[0] + t * sl[1] + a * sl[2]];
-                        const REAL h = uh[b * sh[0] + t * sh[1] + a * sh[2]];
-                        v = v < l ? l : v;
-                        v = v > h ? h : v;
-                    }
+    const int64_t T = o->T, n = o->n, m = o->m, p = n + m;
+    const int64_t *sK = o->sK, *sx0 = o->sx0, *sk = o->sk, *su0 = o->su0, *sl = o->sl,
+                  *sh = o->sh, *sC = o->sC, *sc = o->sc;
+    double cost = 0;
+    for (int64_t i = 0; i < n; ++i)
+        xr[i] = o->xi[b * o->sxi[0] + i * o->sxi[1]];
+    for (int64_t t = 0; t < T; ++t) {
+        REAL *xt = xr + t * n, *ut = ur + t * m;
+        for (int64_t a = 0; a < m; ++a) {
+            REAL v = o->u0[b * su0[0] + t * su0[1] + a * su0[2]];
+            if (o->K) {
+                const REAL *row = o->K + b * sK[0] + t * sK[1] + a * sK[2];
+                const REAL *xo = o->x0 + b * sx0[0] + t * sx0[1];
+                v += alpha * o->k[b * sk[0] + t * sk[1] + a * sk[2]];
+                for (int64_t j = 0; j < n; ++j)
+                    v += row[j * sK[3]] * (xt[j] - xo[j * sx0[2]]);
+                if (o->ul) { /* torch.clamp's order; NaN stays NaN */
+                    const REAL l = o->ul[b * sl[0] + t * sl[1] + a * sl[2]];
+                    const REAL h = o->uh[b * sh[0] + t * sh[1] + a * sh[2]];
+                    v = v < l ? l : v;
+                    v = v > h ? h : v;
                 }
-                ut[a] = v;
             }
-            if (t < T - 1)
-                NAME(model_step)(model, consts, xt, ut, xt + n);
-            if (C) {
-                const REAL *Ct = C + b * sC[0] + t * sC[1], *ct = c + b * sc[0] + t * sc[1];
-                for (int64_t i = 0; i < p; ++i) {
-                    const double ti = i < n ? xt[i] : ut[i - n];
-                    double z = 0;
-                    for (int64_t j = 0; j < p; ++j)
-                        z += (double)Ct[i * sC[2] + j * sC[3]] * (j < n ? xt[j] : ut[j - n]);
-                    cost += ti * (0.5 * z + (double)ct[i * sc[2]]);
-                }
+            ut[a] = v;
+        }
+        if (t < T - 1)
+            NAME(model_step)(o->model, o->consts, xt, ut, xt + n);
+        if (o->C) {
+            const REAL *Ct = o->C + b * sC[0] + t * sC[1], *ct = o->c + b * sc[0] + t * sc[1];
+            double tau[MODEL_P];
+            for (int64_t i = 0; i < p; ++i)
+                tau[i] = i < n ? xt[i] : ut[i - n];
+            for (int64_t i = 0; i < p; ++i) {
+                const REAL *row = Ct + i * sC[2];
+                double z = 0;
+                for (int64_t j = 0; j < p; ++j)
+                    z += (double)row[j * sC[3]] * tau[j];
+                cost += tau[i] * (0.5 * z + (double)ct[i * sc[2]]);
             }
         }
-        if (C)
+    }
+    return cost;
+}
+
+/* rows [lo, hi) of A B: X [A, B, T, n], U, J [A, B] (J NULL without C) */
+static int NAME(model_rollout_range)(int64_t lo, int64_t hi, const NAME(model_ops) *o, REAL *X,
+                                     REAL *U, REAL *J)
+{
+    for (int64_t r = lo; r < hi; ++r) {
+        const double cost = NAME(model_row)(o, r % o->B, o->K ? o->alphas[r / o->B] : 0,
+                                            X + r * o->T * o->n, U + r * o->T * o->m);
+        if (J)
             J[r] = (REAL)cost;
     }
     return 0;
 }
 
-int NAME(diffmpc_model_rollout)(int threads, int model, const double *consts, int64_t A,
-                                int64_t B, int64_t T, int64_t n, int64_t m, const REAL *alphas,
-                                const REAL *xi, const int64_t *sxi, const REAL *x0,
-                                const int64_t *sx0, const REAL *u0, const int64_t *su0,
-                                const REAL *K, const int64_t *sK, const REAL *k,
-                                const int64_t *sk, const REAL *ul, const int64_t *sl,
-                                const REAL *uh, const int64_t *sh, const REAL *C,
-                                const int64_t *sC, const REAL *c, const int64_t *sc, REAL *X,
-                                REAL *U, REAL *J)
+/* The line search (ilqr._search) for samples [lo, hi): each tries alphas[0], alphas[1], ... in
+ * turn and takes the first whose cost is below J0 (the full step also where near[b] and its cost
+ * is at most J0 + floor[b]): X [B, T, n], U, J [B] of that step, first [B] its index, found [B];
+ * where none is, found is 0, first 0, and X, U, J are the last step's. */
+static int NAME(model_search_range)(int64_t lo, int64_t hi, const NAME(model_ops) *o, int64_t A,
+                                    const REAL *J0, const REAL *floor_, const uint8_t *near,
+                                    REAL *X, REAL *U, REAL *J, int64_t *first, uint8_t *found)
+{
+    for (int64_t b = lo; b < hi; ++b) {
+        REAL *xr = X + b * o->T * o->n, *ur = U + b * o->T * o->m;
+        found[b] = 0;
+        first[b] = 0;
+        for (int64_t a = 0; a < A; ++a) {
+            const REAL cost = (REAL)NAME(model_row)(o, b, o->alphas[a], xr, ur);
+            J[b] = cost;
+            if (cost < J0[b] || (a == 0 && near[b] && cost <= J0[b] + floor_[b])) {
+                found[b] = 1;
+                first[b] = a;
+                break;
+            }
+        }
+    }
+    return 0;
+}
+
+static int NAME(model_ops_fill)(NAME(model_ops) *o, int model, const double *consts, int64_t B,
+                                int64_t T, int64_t n, int64_t m, const REAL *alphas,
+                                const REAL *const *ptr, const int64_t *const *str)
 {
     if (!((model == 1 && n == 3 && m == 1) || (model == 2 && n == 5 && m == 1)))
         return 1;
+    *o = (NAME(model_ops)){model, consts, B, T, n, m, alphas, ptr[0], ptr[1], ptr[2], ptr[3],
+                           ptr[4], ptr[5], ptr[6], ptr[7], ptr[8], str[0], str[1], str[2], str[3],
+                           str[4], str[5], str[6], str[7], str[8]};
+    return 0;
+}
+
+/* ptr, str: the operands x_init, x0, u0, K, k, lower, upper, C, c and their strides (NULL where
+ * absent: K for the open loop, lower/upper without a box, C/c without costs) */
+int NAME(diffmpc_model_rollout)(int threads, int model, const double *consts, int64_t A,
+                                int64_t B, int64_t T, int64_t n, int64_t m, const REAL *alphas,
+                                const REAL *const *ptr, const int64_t *const *str, REAL *X,
+                                REAL *U, REAL *J)
+{
+    NAME(model_ops) o;
+    if (NAME(model_ops_fill)(&o, model, consts, B, T, n, m, alphas, ptr, str))
+        return 1;
     int rc = 0;
-    RANGES(threads, A * B, 1, rc, NAME(model_rollout_range)(lo, hi, model, consts, B, T, n, m,
-                                                            alphas, xi, sxi, x0, sx0, u0, su0, K,
-                                                            sK, k, sk, ul, sl, uh, sh, C, sC, c,
-                                                            sc, X, U, J));
+    RANGES(threads, A * B, 1, rc, NAME(model_rollout_range)(lo, hi, &o, X, U, J));
+    return rc;
+}
+
+int NAME(diffmpc_model_search)(int threads, int model, const double *consts, int64_t A, int64_t B,
+                               int64_t T, int64_t n, int64_t m, const REAL *alphas,
+                               const REAL *const *ptr, const int64_t *const *str, const REAL *J0,
+                               const REAL *floor_, const uint8_t *near, REAL *X, REAL *U, REAL *J,
+                               int64_t *first, uint8_t *found)
+{
+    NAME(model_ops) o;
+    if (NAME(model_ops_fill)(&o, model, consts, B, T, n, m, alphas, ptr, str) || !o.K || !o.C)
+        return 1;
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(model_search_range)(lo, hi, &o, A, J0, floor_, near, X, U, J,
+                                                       first, found));
     return rc;
 }
