@@ -261,11 +261,15 @@ class TrajDynamics:
         fn = make()
         return lambda t, x, u, reps=1: fn(x, u)
 
-    def native_model(self) -> tuple[int, Tensor] | None:
-        """The model's compiled step ``(model, constants)`` for ``diffmpc.native.model_rollout``
-        (``diffmpc.systems``' Euler steps), or None."""
+    def native_model(self, *tensors: Tensor) -> tuple[int, Tensor] | None:
+        """The model's compiled step ``(model, constants)`` (``diffmpc.systems``' Euler steps;
+        ``native.model_rollout``, ``model_search``, ``model_expansion``) where the kernels can
+        take the ``tensors`` with it (CPU, one dtype, no grad recorded), else None."""
         get = None if self.linear else getattr(self.raw, "_native_model", None)
-        return None if get is None else get()
+        if get is None or tensors[0].device.type != "cpu" or not native.available():
+            return None
+        model = get()
+        return model if model is not None and native.handles(*tensors, model[1]) else None
 
     def all(self, x: Tensor, u: Tensor) -> Tensor:
         """Next states for every step: x ``[B, T-1, n]``, u ``[B, T-1, m]`` -> ``[B, T-1, n]``."""
@@ -282,6 +286,9 @@ class TrajDynamics:
         n, lead = self.n, x.shape[:-1]
         if x.shape[-2] == 0:  # T = 1: no transition
             return x.new_zeros(*lead, n, n + self.m)
+        model = None if create_graph or x.dim() != 3 else self.native_model(x, u)
+        if model is not None:  # a built-in model's closed form, compiled
+            return native.model_expansion(*model, x, u)[0]
         z = torch.cat([x, u], -1).reshape(-1, n + self.m)
         jac = getattr(self.raw, "jacobian", None)
         J = None if jac is None else jac(z[:, :n], z[:, n:])
@@ -321,6 +328,11 @@ class TrajDynamics:
         block = None if self.linear else getattr(self.raw, "curvature_block", None)
         if block is None or x.shape[-2] < 2:
             return None
+        model = self.native_model(x, u, lam)
+        if model is not None:  # compiled
+            _, Hb, first = native.model_expansion(*model, x[:, :-1], u[:, :-1], lam[:, 1:],
+                                                  jacobian=False)
+            return Hb, first
         B = x.shape[0]
         rows = lambda z: z.transpose(0, 1).reshape(-1, z.shape[-1])  # noqa: E731  time-major
         out = block(rows(x[:, :-1]), rows(u[:, :-1]), rows(lam[:, 1:]))

@@ -128,18 +128,10 @@ class IterResult:
     gains: Gains | None = None  # an LQ solve's factorization at its final free set, if any
 
 
-def _native_model(dyn: TrajDynamics, z: Tensor) -> tuple[int, Tensor] | None:
-    """The compiled step of a built-in model, where rollouts of CPU tensors like ``z`` can run on
-    it (``native.model_rollout``); else None."""
-    if z.device.type != "cpu" or not native.available():
-        return None
-    return dyn.native_model()
-
-
 def rollout(dyn: TrajDynamics, x_init: Tensor, u: Tensor) -> Tensor:
     """Open-loop states ``[B, T, n]`` from x_init ``[B, n]`` and controls ``[B, T, m]``."""
-    model = _native_model(dyn, u)
-    if model is not None and native.handles(u, x_init, model[1]):
+    model = dyn.native_model(u, x_init)
+    if model is not None:
         return native.model_rollout(*model, x_init, u)[0][0]
     xs = [x_init]
     step = dyn.stepper()
@@ -198,11 +190,9 @@ def _compiled_search(x_init, cost, dyn, x, u, J, gains, lower, upper) -> tuple |
     """The built-in model's compiled step ``(model, constants)`` where the line search can run
     on it (``native.model_search``: a quadratic cost, CPU tensors, no grad recorded), else
     None."""
-    model = _native_model(dyn, x) if cost.quadratic else None
-    if model is not None and native.handles(x, x_init, u, J, gains.K, gains.k, lower, upper,
-                                            model[1], cost.C, cost.c):
-        return model
-    return None
+    if not cost.quadratic:
+        return None
+    return dyn.native_model(x, x_init, u, J, gains.K, gains.k, lower, upper, cost.C, cost.c)
 
 
 def _search(x_init, cost, dyn, x, u, J, gains, lower, upper, alphas, floor, near):

@@ -46,7 +46,7 @@ from torch import Tensor
 __all__ = ["available", "threaded", "status", "enabled", "riccati", "multipliers", "rollout",
            "costate", "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
            "homogeneous", "homogeneous_cost", "scalar_riccati", "model_rollout",
-           "model_search"]
+           "model_search", "model_expansion"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _OFF = ("0", "false", "no", "off")
@@ -158,7 +158,8 @@ def _build() -> ctypes.CDLL:
                   + [ctypes.c_double, ptr, ptr],
                   "scalar_riccati": [ctypes.c_int] + [i64] * 3 + [ptr] * 19,
                   "model_rollout": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 6,
-                  "model_search": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 11}
+                  "model_search": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 11,
+                  "model_expansion": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 3 + [ptr] * 8}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -568,3 +569,22 @@ def model_search(model: int, consts: Tensor, x_init: Tensor, u: Tensor, x: Tenso
     if rc != 0:
         raise _model_error(model, n, m)
     return X, U, J, first, found
+
+
+def model_expansion(model: int, consts: Tensor, x: Tensor, u: Tensor, lam: Tensor | None = None,
+                    jacobian: bool = True) -> tuple[Tensor | None, Tensor | None, int]:
+    """Derivatives of a built-in model's Euler step (``model_rollout``'s ``model`` and
+    ``consts``) at x ``[B, T1, n]``, u ``[B, T1, 1]`` (views): the Jacobian ``[B, T1, n, n+1]``
+    in ``[x, u]`` (if ``jacobian``) and, with the weights ``lam [B, T1, n]``, the curvature
+    block ``[T1, 4, 4, B]`` of ``TrajDynamics.curvature_blocks``, and the block's first
+    coordinate in ``[x, u]`` (0 for the pendulum, 2 for the cartpole)."""
+    B, T1, n = x.shape
+    J = x.new_empty(B, T1, n, n + 1) if jacobian else None
+    H = None if lam is None else x.new_empty(T1, 4, 4, B)
+    p = consts.detach().to(torch.float64).contiguous()
+    rc = _kernel("model_expansion", x.dtype)(
+        _threads(B, _GRAIN), model, p.data_ptr(), B, T1, n, *_view(x), *_view(u), *_view(lam),
+        None if J is None else J.data_ptr(), None if H is None else H.data_ptr())
+    if rc != 0:
+        raise _model_error(model, n, u.shape[-1])
+    return J, H, 0 if model == 1 else 2

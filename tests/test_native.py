@@ -824,8 +824,9 @@ def test_built_in_model_rollouts_do_not_depend_on_threads():
 
 
 def test_changed_or_rk4_models_keep_their_pytorch_steps():
-    """A subclass that changes the physics, and RK4, have no compiled step: a solve then follows
-    the model it was given (every transition of the solution is the model's step)."""
+    """A subclass that changes the physics or its derivatives, and RK4, have no compiled step: a
+    solve then follows the model it was given (every transition of the solution is the model's
+    step)."""
     import diffmpc as dm
     from diffmpc.systems import Cartpole, Pendulum
 
@@ -839,7 +840,12 @@ def test_changed_or_rk4_models_keep_their_pytorch_steps():
             pdd, thdd = super().accel(*args, **kw)
             return 2 * pdd, thdd
 
+    class OwnJacobian(Pendulum):  # derivatives by autograd, say
+        def jacobian(self, x, u):
+            return None
+
     assert Pendulum()._native_model()[0] == 1 and Cartpole()._native_model()[0] == 2
+    assert OwnJacobian()._native_model() is None
     for model in (Damped(dtype=torch.float64), Heavy(dtype=torch.float64),
                   Pendulum(method="rk4", dtype=torch.float64),
                   Cartpole(method="rk4", dtype=torch.float64)):
@@ -911,3 +917,46 @@ def test_swing_up_solves_with_compiled_rollouts_equal_pytorch(name):
     torch.testing.assert_close(ga, gb, rtol=1e-7, atol=1e-9)
     for x, y in zip(pa, pb, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-9)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["Pendulum", "Cartpole"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_built_in_model_derivatives_equal_autograd(name, dtype):
+    """The compiled Jacobian and costate-weighted curvature of the built-in Euler steps
+    (``TrajDynamics.jacobian`` and ``curvature_blocks`` on CPU tensors) against autograd of the
+    models' PyTorch steps, at states off the unit circle and with strided operands."""
+    from diffmpc import systems
+    from diffmpc.expand import TrajDynamics
+
+    g = torch.Generator().manual_seed(4)
+    model = getattr(systems, name)(dtype=torch.float64)
+    n, B, T = model.n_state, 6, 7
+    x = torch.randn(B, T, n, generator=g, dtype=torch.float64)
+    u = 3 * torch.randn(B, T, 1, generator=g, dtype=torch.float64)
+    lam = torch.randn(B, n, T, generator=g, dtype=torch.float64).transpose(1, 2)  # strided
+
+    def step(z, w):  # sum_i w_i f_i(z) for one row
+        return (model(z[None, :n], z[None, n:])[0] * w).sum()
+
+    z = torch.cat([x[:, :-1], u[:, :-1]], -1).reshape(-1, n + 1)
+    w = lam[:, 1:].reshape(-1, n)
+    J_ref = torch.stack([torch.autograd.functional.jacobian(
+        lambda zz: model(zz[None, :n], zz[None, n:])[0], zi) for zi in z]).view(B, T - 1, n, n + 1)
+    H_ref = torch.stack([torch.autograd.functional.hessian(lambda zz, wi=wi: step(zz, wi), zi)
+                         for zi, wi in zip(z, w, strict=True)]).view(B, T - 1, n + 1, n + 1)
+    cast = (lambda t: t.to(dtype))  # noqa: E731
+    if dtype == torch.float32:
+        model = model.float()
+    dyn = TrajDynamics(model, B, T, n, 1)
+    with torch.no_grad():
+        (J, blocks), calls = _spy("model_expansion", lambda: (
+            dyn.jacobian(cast(x)[:, :-1], cast(u)[:, :-1]),
+            dyn.curvature_blocks(cast(x), cast(u), cast(lam))))
+    assert calls == 2
+    Hb, first = blocks
+    H = torch.zeros(B, T - 1, n + 1, n + 1, dtype=dtype)
+    H[..., first:first + 4, first:first + 4] = Hb.permute(3, 0, 1, 2)
+    tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(J, J_ref.to(dtype), **tol)
+    torch.testing.assert_close(H, H_ref.to(dtype), **tol)

@@ -1170,3 +1170,140 @@ int NAME(diffmpc_model_search)(int threads, int model, const double *consts, int
                                                        first, found));
     return rc;
 }
+
+/* Derivatives of the built-in models' Euler steps along a trajectory (the closed forms of
+ * Pendulum.jacobian / curvature_block and Cartpole's, same constants as model_step): for each
+ * sample b and transition t < T1, with z = [x_t; u_t] (p = n + m entries),
+ *   J [B, T1, n, p] (contiguous): d x_{t+1} / d z;
+ *   Hb [T1, k, k, B] (contiguous, batch last): sum_i lam_i Hess f_i, weighted by lam [B, T1, n],
+ *   on the coordinates [first, first + k) of z where the curvature lives (pendulum: k = 4 from
+ *   0; cartpole: k = 4 from 2, the cart's position and velocity enter linearly).
+ * Either output may be NULL (then lam is not read). Returns 0, or 1 for an unknown model. */
+static void NAME(model_derivatives)(int model, const double *p, const double *xz, double u,
+                                    const double *lam, double *J, double *H)
+{
+    /* the angle th' = atan2(s, c) + ...: its gradient phi (in r = [c, s, w, u]) and Hessian */
+    const double c = xz[model == 1 ? 0 : 2], s = xz[model == 1 ? 1 : 3];
+    const double w = xz[model == 1 ? 2 : 4];
+    const double inv_r2 = 1.0 / (c * c + s * s), inv_r4 = inv_r2 * inv_r2;
+    const double d_c = -s * inv_r2, d_s = c * inv_r2;
+    const double h_cc = 2 * c * s * inv_r4, h_cs = (s * s - c * c) * inv_r4, h_ss = -h_cc;
+    double phi[4], g1[4], g2[4], dth, cs_n[2];
+    REAL cs_r[2];
+    if (model == 1) {  /* w' = w + dt (alpha s + beta u), th' = th + dt w' */
+        const double dta = p[0], dtb = p[1], dt = p[2];
+        const double wn = w + (dta * s + dtb * u);
+        dth = dt * wn;
+        const double gw[4] = {0, dta, 1, dtb};
+        for (int i = 0; i < 4; ++i) {
+            g2[i] = gw[i];  /* the velocity row */
+            phi[i] = (i == 0 ? d_c : i == 1 ? d_s : 0) + dt * gw[i];
+        }
+    } else {  /* a, D, thddot q and their gradients, as in Cartpole._euler_expansion */
+        const double l = p[0], g = p[1], inv_M = p[2], k = p[4], mu = p[5], dt = p[6];
+        const double a = inv_M * u + mu * s * w * w;
+        const double D = l * (4.0 / 3.0 - k * c * c);
+        const double q = (g * s - c * a) / D;
+        const double d = -2 * l * k * c;
+        const double ga[4] = {0, mu * w * w, 2 * mu * s * w, inv_M};
+        double gq[4];
+        for (int i = 0; i < 4; ++i) {
+            double gN = (i == 0 ? -a : i == 1 ? g : 0) - c * ga[i];
+            if (i == 0)
+                gN -= q * d;
+            gq[i] = gN / D;
+            g1[i] = dt * (ga[i] - mu * (c * gq[i] + (i == 0 ? q : 0)));  /* v' row */
+            g2[i] = dt * gq[i] + (i == 2 ? 1 : 0);  /* w' row */
+        }
+        dth = dt * w;
+        phi[0] = d_c, phi[1] = d_s, phi[2] = dt, phi[3] = 0;
+        if (H) {
+            const double lam_v = lam[1];
+            const double beta = dt * (lam[4] - mu * c * lam_v) / D;
+            double hv[4];
+            for (int i = 0; i < 4; ++i)
+                hv[i] = beta * (ga[i] + d * gq[i]) + (dt * mu * lam_v) * gq[i];
+            for (int i = 0; i < 16; ++i)
+                H[i] = 0;
+            for (int i = 0; i < 4; ++i) {
+                H[i] -= hv[i];      /* row 0: - e_c h' */
+                H[i * 4] -= hv[i];  /* column 0: - h e_c' */
+            }
+            H[0] += 2 * l * k * q * beta;
+            const double ha = (dt * lam_v - beta * c) * 2 * mu;
+            H[1 * 4 + 2] += ha * w;
+            H[2 * 4 + 1] += ha * w;
+            H[2 * 4 + 2] += ha * s;
+        }
+    }
+    NAME(turn)(c, s, dth, cs_r);
+    cs_n[0] = cs_r[0], cs_n[1] = cs_r[1];
+    if (H) {  /* the angle's part: lam_c Hess cos th' + lam_s Hess sin th' */
+        const double lc = lam[model == 1 ? 0 : 2], ls = lam[model == 1 ? 1 : 3];
+        const double a = -(lc * cs_n[0] + ls * cs_n[1]), bb = ls * cs_n[0] - lc * cs_n[1];
+        if (model == 1)
+            for (int i = 0; i < 16; ++i)
+                H[i] = 0;
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j)
+                H[i * 4 + j] += a * phi[i] * phi[j];
+        H[0] += bb * h_cc;
+        H[1] += bb * h_cs;
+        H[4] += bb * h_cs;
+        H[5] += bb * h_ss;
+    }
+    if (J) {  /* rows of x' in z = [x, u]: the r part at columns off .. off + 3 */
+        const int n = model == 1 ? 3 : 5, pz = n + 1, off = model == 1 ? 0 : 2;
+        const int rc = model == 1 ? 0 : 2;  /* the row of cos th' */
+        for (int i = 0; i < n * pz; ++i)
+            J[i] = 0;
+        for (int j = 0; j < 4; ++j) {
+            J[rc * pz + off + j] = -cs_n[1] * phi[j];
+            J[(rc + 1) * pz + off + j] = cs_n[0] * phi[j];
+            J[(rc + 2) * pz + off + j] = g2[j];
+            if (model == 2)
+                J[1 * pz + off + j] = g1[j];
+        }
+        if (model == 2) {  /* p' = p + dt v, v' = v + dt pddot */
+            J[0] = 1, J[1] = p[6], J[1 * pz + 1] = 1;
+        }
+    }
+}
+
+static int NAME(model_expansion_range)(int64_t lo, int64_t hi, int model, const double *p,
+                                       int64_t B, int64_t T1, int64_t n, const REAL *x,
+                                       const int64_t *sx, const REAL *u, const int64_t *su,
+                                       const REAL *lam, const int64_t *sl, REAL *J, REAL *Hb)
+{
+    const int64_t pz = n + 1;
+    for (int64_t b = lo; b < hi; ++b)
+        for (int64_t t = 0; t < T1; ++t) {
+            double xz[5], lv[5], Jd[30], Hd[16];
+            for (int64_t i = 0; i < n; ++i) {
+                xz[i] = x[b * sx[0] + t * sx[1] + i * sx[2]];
+                lv[i] = Hb ? lam[b * sl[0] + t * sl[1] + i * sl[2]] : 0;
+            }
+            NAME(model_derivatives)(model, p, xz, u[b * su[0] + t * su[1]], lv, J ? Jd : NULL,
+                                    Hb ? Hd : NULL);
+            if (J)
+                for (int64_t i = 0; i < n * pz; ++i)
+                    J[(b * T1 + t) * n * pz + i] = (REAL)Jd[i];
+            if (Hb)
+                for (int64_t i = 0; i < 16; ++i)
+                    Hb[(t * 16 + i) * B + b] = (REAL)Hd[i];
+        }
+    return 0;
+}
+
+int NAME(diffmpc_model_expansion)(int threads, int model, const double *consts, int64_t B,
+                                  int64_t T1, int64_t n, const REAL *x, const int64_t *sx,
+                                  const REAL *u, const int64_t *su, const REAL *lam,
+                                  const int64_t *sl, REAL *J, REAL *Hb)
+{
+    if (!((model == 1 && n == 3) || (model == 2 && n == 5)))
+        return 1;
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(model_expansion_range)(lo, hi, model, consts, B, T1, n, x, sx,
+                                                          u, su, lam, sl, J, Hb));
+    return rc;
+}

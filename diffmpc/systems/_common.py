@@ -151,15 +151,16 @@ class StepModel(nn.Module):
         return lambda x, u: self._step(x, u, consts)
 
     def _native_model(self) -> tuple[int, Tensor] | None:
-        """``(model, constants)`` of ``diffmpc.native.model_rollout``, the compiled copy of this
-        model's step that the solver's rollouts run on CPU tensors, or None where there is none
-        (the default)."""
+        """``(model, constants)`` of ``diffmpc.native``'s model kernels, the compiled copy of
+        this model's step and its derivatives that the solver runs on CPU tensors, or None
+        where there is none (the default)."""
         return None
 
     def _own_step(self, base: type, *names: str) -> bool:
         """Whether this model takes ``base``'s Euler step: the method is Euler and the class
-        overrides none of ``base``'s step methods ``names`` (a subclass that changes the
-        physics does not get ``base``'s compiled step)."""
+        overrides none of ``base``'s step and derivative methods, nor ``names`` (a subclass
+        that changes the physics does not get ``base``'s compiled step)."""
+        own = ("forward", "rollout_step", "_step", "_constants", "jacobian", "curvature",
+               "curvature_block", "_euler_expansion", *names)
         return self.method == "euler" and all(
-            getattr(type(self), name) is getattr(base, name)
-            for name in ("forward", "rollout_step", "_step", "_constants", *names))
+            getattr(type(self), name, None) is getattr(base, name, None) for name in own)
