@@ -106,6 +106,8 @@ def matvec(A: Tensor, x: Tensor, sym: bool = False, trans: bool = False,
     """
     if A.shape[:-2] != x.shape[:-1]:
         return ((A.mT if trans else A) @ x.unsqueeze(-1)).squeeze(-1)
+    if not (torch.is_grad_enabled() and (A.requires_grad or x.requires_grad)):
+        return _MatVec.forward(A, x, sym, trans, need_x)  # no graph: not through Function.apply
     return _MatVec.apply(A, x, sym, trans, need_x)
 
 
@@ -151,6 +153,8 @@ def matvec_pair(A: Tensor, x: Tensor, y: Tensor, need_x=None) -> tuple[Tensor, T
     dims. As two ``matvec`` calls, except that the gradient w.r.t. A is one tensor formed in
     place (``gAx x' + y gAty'``) instead of two that autograd then adds: A may be large (the
     dynamics Jacobians of a whole batch of trajectories). ``need_x``: as in ``matvec``."""
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (A, x, y))):
+        return _MatVecPair.forward(A, x, y, need_x)
     return _MatVecPair.apply(A, x, y, need_x)
 
 
@@ -226,6 +230,7 @@ class TrajDynamics:
     def __init__(self, dynamics, B: int, T: int, n: int, m: int) -> None:
         self.raw, self.B, self.T, self.n, self.m = dynamics, B, T, n, m
         self.linear = isinstance(dynamics, LinearDynamics)
+        self._native: dict = {}  # native_model's constants, per grad mode
         if self.linear:
             self.F = dynamics.F.expand(B, T - 1, n, n + m)
             f = dynamics.f if dynamics.f is not None else self.F.new_zeros(())
@@ -268,7 +273,12 @@ class TrajDynamics:
         get = None if self.linear else getattr(self.raw, "_native_model", None)
         if get is None or tensors[0].device.type != "cpu" or not native.available():
             return None
-        model = get()
+        # the constants once per solve (the parameters do not change during one), per grad mode
+        # (with grad recorded they carry the parameters' graph, and the kernels refuse them)
+        key = torch.is_grad_enabled()
+        if key not in self._native:
+            self._native[key] = get()
+        model = self._native[key]
         return model if model is not None and native.handles(*tensors, model[1]) else None
 
     def all(self, x: Tensor, u: Tensor) -> Tensor:
@@ -304,6 +314,13 @@ class TrajDynamics:
         n, lead = self.n, x.shape[:-1]
         if x.shape[-2] == 0:  # T = 1: no transition
             return x.new_zeros(*lead, n + self.m, n + self.m)
+        model = None if create_graph or x.dim() != 3 else self.native_model(x, u, lam)
+        if model is not None:  # a built-in model's closed form, compiled: its block in place
+            _, Hb, first = native.model_expansion(*model, x, u, lam, jacobian=False)
+            H = x.new_zeros(*lead, n + self.m, n + self.m)
+            k = Hb.shape[1]
+            H[..., first:first + k, first:first + k] = Hb.permute(3, 0, 1, 2)
+            return H
         z = torch.cat([x, u], -1).reshape(-1, n + self.m)
         lam = lam.reshape(-1, n)
         closed = getattr(self.raw, "curvature", None)
@@ -374,6 +391,8 @@ class TrajCost:
     def __init__(self, cost, B: int, T: int, n: int, m: int, symmetrize: bool = False) -> None:
         self.raw, self.B, self.T, self.n, self.m = cost, B, T, n, m
         self.quadratic = isinstance(cost, QuadCost)
+        self._rest: Tensor | None = None  # rest_minima
+        self._parent: tuple[TrajCost, Tensor] | None = None  # (the batch, idx) of a subset
         if self.quadratic:
             p = n + m
             # C is checked to be symmetric and its products (``matvec(sym=True)``) have symmetric
@@ -391,7 +410,29 @@ class TrajCost:
         out.B = idx.numel()
         if self.quadratic:
             out.C, out.c = _take_rows(self.C, idx), _take_rows(self.c, idx)
+            out._rest, out._parent = None, (self, idx)
         return out
+
+    def rest_minima(self) -> Tensor:
+        """``[B, T]``: for a QuadCost, the least the stages after each step can cost,
+        ``sum_{s > t} min_tau (tau' C_s tau / 2 + c_s' tau)`` with each minimum ``-c_s' C_s^-1
+        c_s / 2`` (-inf where a C_s is not positive definite: no bound). Formed once per solve,
+        on the whole batch (the compiled line search stops rollouts whose cost can no longer
+        come out low enough)."""
+        if self._rest is None and self._parent is not None:
+            parent, idx = self._parent
+            self._rest = _take_rows(parent.rest_minima(), idx)
+        if self._rest is None:
+            C, c = self.raw.C.detach(), self.C.new_zeros(()) if self.raw.c is None else self.raw.c
+            L, info = torch.linalg.cholesky_ex(C)
+            c = c.detach().expand(*torch.broadcast_shapes(C.shape[:-1], c.shape))
+            L = L.expand(*c.shape[:-1], *L.shape[-2:])
+            low = -0.5 * (c * torch.cholesky_solve(c.unsqueeze(-1), L).squeeze(-1)).sum(-1)
+            low = torch.where(info.expand(low.shape) == 0, low, -torch.inf)
+            low = low.expand(self.B, self.T).contiguous()
+            after = low[:, 1:].flip(-1).cumsum(-1).flip(-1)  # sum over s >= t + 1
+            self._rest = torch.cat([after, low.new_zeros(self.B, 1)], -1)
+        return self._rest
 
     def value(self, x: Tensor, u: Tensor) -> Tensor:
         """Stage costs: x ``[..., B, T, n]``, u ``[..., B, T, m]`` -> ``[..., B, T]``."""

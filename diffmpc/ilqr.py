@@ -208,7 +208,7 @@ def _search(x_init, cost, dyn, x, u, J, gains, lower, upper, alphas, floor, near
         # of one solve: pendulum 256 -> 47 ms, cartpole 685 -> 110-144 ms; half the rows of
         # rolling out the sizes at once, and none of the operations' dispatch)
         return native.model_search(*model, x_init, u, x, gains.K, gains.k, alphas, lower, upper,
-                                   cost.C, cost.c, J, floor, near)
+                                   cost.C, cost.c, J, floor, near, cost.rest_minima())
     Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
     Jc = cost.value(Xc, Uc).sum(-1)  # [A, B]
     first, found = _pick(J.detach(), Jc.detach(), floor, near)

@@ -158,7 +158,7 @@ def _build() -> ctypes.CDLL:
                   + [ctypes.c_double, ptr, ptr],
                   "scalar_riccati": [ctypes.c_int] + [i64] * 3 + [ptr] * 19,
                   "model_rollout": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 6,
-                  "model_search": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 11,
+                  "model_search": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 13,
                   "model_expansion": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 3 + [ptr] * 8}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
@@ -543,17 +543,20 @@ def model_rollout(model: int, consts: Tensor, x_init: Tensor, u: Tensor, x: Tens
 
 def model_search(model: int, consts: Tensor, x_init: Tensor, u: Tensor, x: Tensor, K: Tensor,
                  k: Tensor, alphas: Tensor, lower: Tensor | None, upper: Tensor | None,
-                 C: Tensor, c: Tensor, J0: Tensor, floor: Tensor, near: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 C: Tensor, c: Tensor, J0: Tensor, floor: Tensor, near: Tensor,
+                 rest: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The line search of ``ilqr._search`` on a built-in model's compiled step (operands as in
     ``model_rollout``): each sample rolls out the step sizes ``alphas [A]`` in turn and stops at
     the first whose cost is below ``J0 [B]`` (the full step also where ``near [B]`` and its
     cost is at most ``J0 + floor [B]``), so that no sample rolls out the sizes after the one it
-    takes.
+    takes. ``rest [B, T]`` (a view, or None): a lower bound on the cost of the stages after each
+    step (``TrajCost.rest_minima``); a rollout stops where its cost so far plus that exceeds the
+    limit (by a relative 1e-6: rounding never stops one that would be taken), as the diverging
+    rollouts of a bad step do within a few steps.
 
     Returns x ``[B, T, n]``, u ``[B, T, m]``, cost ``[B]`` of that step, its index ``[B]``
     (long) and whether one was found ``[B]`` (bool; where not, index 0 and the last step's
-    trajectory).
+    trajectory, partial and with cost inf where stopped).
     """
     B, T, m = u.shape
     n = x_init.shape[-1]
@@ -564,8 +567,8 @@ def model_search(model: int, consts: Tensor, x_init: Tensor, u: Tensor, x: Tenso
     J0, floor, near, al = (t.contiguous() for t in (J0, floor, near.to(torch.bool), alphas))
     rc = _kernel("model_search", u.dtype)(
         _threads(B, _GRAIN), model, p.data_ptr(), alphas.shape[0], B, T, n, m, al.data_ptr(),
-        ptrs, strides, J0.data_ptr(), floor.data_ptr(), near.data_ptr(), X.data_ptr(),
-        U.data_ptr(), J.data_ptr(), first.data_ptr(), found.data_ptr())
+        ptrs, strides, J0.data_ptr(), floor.data_ptr(), near.data_ptr(), *_view(rest),
+        X.data_ptr(), U.data_ptr(), J.data_ptr(), first.data_ptr(), found.data_ptr())
     if rc != 0:
         raise _model_error(model, n, m)
     return X, U, J, first, found

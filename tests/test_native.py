@@ -786,6 +786,7 @@ def test_compiled_line_search_takes_the_steps_the_pytorch_search_takes(name):
             ref = ilqr._search(*args)
     assert torch.equal(fast[4], ref[4]) and torch.equal(fast[3], ref[3])
     assert not bool(fast[4][:4].any()) and bool(fast[4][4:6].all())
+    assert bool(fast[2][:4].isinf().all())  # stopped by the bound on the stages left
     assert torch.equal(fast[3][4:6], torch.zeros(2, dtype=torch.long))
     assert len(set(fast[3][fast[4]].tolist())) >= 3
     ok = fast[4]
@@ -875,6 +876,9 @@ def test_model_rollouts_stay_in_pytorch_where_grad_is_recorded():
     dyn = TrajDynamics(model, 2, 5, 3, 1)
     x_init = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.5]], dtype=torch.float64)
     u = torch.ones(2, 5, 1, dtype=torch.float64)
+    with torch.no_grad():  # compiled (and the constants cached for no-grad calls)
+        _, calls = _spy("model_rollout", lambda: ilqr.rollout(dyn, x_init, u))
+    assert calls == 1
     x, calls = _spy("model_rollout", lambda: ilqr.rollout(dyn, x_init, u))
     assert not calls and x.requires_grad
     x[:, -1].sum().backward()
@@ -960,3 +964,38 @@ def test_built_in_model_derivatives_equal_autograd(name, dtype):
     tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(J, J_ref.to(dtype), **tol)
     torch.testing.assert_close(H, H_ref.to(dtype), **tol)
+
+
+def test_stage_cost_bounds_of_the_line_search():
+    """``TrajCost.rest_minima``: the least the stages after each step can cost, from numpy's
+    solves of each stage's minimum (``-c' C^-1 c / 2``), per sample and step; -inf where a C is
+    not positive definite; a subset's rows are the batch's."""
+    import numpy as np
+
+    from diffmpc import QuadCost
+    from diffmpc.expand import TrajCost
+
+    g = torch.Generator().manual_seed(7)
+    B, T, p = 3, 5, 4
+    M = torch.randn(B, T, p, p, generator=g, dtype=torch.float64)
+    C = M @ M.mT + 0.5 * torch.eye(p, dtype=torch.float64)
+    c = torch.randn(B, T, p, generator=g, dtype=torch.float64)
+    cost = TrajCost(QuadCost(C, c), B, T, 3, 1)
+    Cn, cn = C.numpy(), c.numpy()
+    low = np.array([[-0.5 * cn[b, t] @ np.linalg.solve(Cn[b, t], cn[b, t]) for t in range(T)]
+                    for b in range(B)])
+    ref = np.array([[low[b, t + 1:].sum() for t in range(T)] for b in range(B)])
+    np.testing.assert_allclose(cost.rest_minima().numpy(), ref, rtol=1e-12, atol=1e-12)
+    idx = torch.tensor([2, 0])
+    torch.testing.assert_close(cost.subset(idx).subset(torch.tensor([1])).rest_minima(),
+                               torch.from_numpy(ref[[0]]))
+    # one C for every sample and step (broadcast), and one that is not positive definite
+    shared = TrajCost(QuadCost(C[0, 0], c[0, 0]), B, T, 3, 1).rest_minima()
+    low0 = -0.5 * cn[0, 0] @ np.linalg.solve(Cn[0, 0], cn[0, 0])
+    np.testing.assert_allclose(shared.numpy(), np.tile(low0 * np.arange(T - 1, -1, -1), (B, 1)),
+                               rtol=1e-12)
+    C2 = C.clone()
+    C2[1, 3] = -torch.eye(p, dtype=torch.float64)
+    rest = TrajCost(QuadCost(C2, c), B, T, 3, 1).rest_minima()
+    assert bool(rest[1, :3].isneginf().all()) and bool(rest[1, 3:].isfinite().all())
+    assert bool(rest[[0, 2]].isfinite().all())

@@ -808,7 +808,6 @@ def test_newton_curvature_blocks_in_batch_last_costs_equal_full_hessians(name, k
     by part of the batch (the mixed case) and by all of it; for a ``QuadCost`` and for a
     non-convex cost module (whose exact Hessian the Newton samples take, the others its
     convexified one)."""
-    from diffmpc import native
     from diffmpc.expand import TrajDynamics
 
     system = make_system(name)
@@ -818,11 +817,7 @@ def test_newton_curvature_blocks_in_batch_last_costs_equal_full_hessians(name, k
     used = []
 
     def record(self, x, u, lam):
-        # the blocks of the PyTorch closed forms, as the other path's Hessians (the compiled
-        # blocks round differently, and 20 iterations of unconverged cartpoles amplify that;
-        # test_native compares them)
-        with native.enabled(False):
-            used.append(blocks(self, x, u, lam))
+        used.append(blocks(self, x, u, lam))
         return used[-1]
 
     out = []

@@ -1044,8 +1044,11 @@ typedef struct {
 } NAME(model_ops);
 
 /* Rolls sample b out with step size alpha into xr [T, n], ur [T, m]; returns its cost (0 without
- * C). */
-static double NAME(model_row)(const NAME(model_ops) *o, int64_t b, REAL alpha, REAL *xr, REAL *ur)
+ * C). With rest (sr: {batch, time}), the least the stages after each step can add, it stops
+ * (returns INFINITY, the trajectory left partial) as soon as the cost so far plus that bound
+ * exceeds limit by a relative 1e-6 (where the cost can no longer come out below limit). */
+static double NAME(model_row)(const NAME(model_ops) *o, int64_t b, REAL alpha, REAL *xr, REAL *ur,
+                              const REAL *rest, const int64_t *sr, double limit)
 {
     const int64_t T = o->T, n = o->n, m = o->m, p = n + m;
     const int64_t *sK = o->sK, *sx0 = o->sx0, *sk = o->sk, *su0 = o->su0, *sl = o->sl,
@@ -1086,6 +1089,13 @@ static double NAME(model_row)(const NAME(model_ops) *o, int64_t b, REAL alpha, R
                     z += (double)row[j * sC[3]] * tau[j];
                 cost += tau[i] * (0.5 * z + (double)ct[i * sc[2]]);
             }
+            if (rest) {  /* (a limit of -inf or NaN takes no cost: stop at once) */
+                const double r = rest[b * sr[0] + t * sr[1]];
+                if (!(limit > -INFINITY))
+                    return INFINITY;
+                if (cost + r > limit + 1e-6 * (1 + fabs(limit) + fabs(r)))
+                    return INFINITY;
+            }
         }
     }
     return cost;
@@ -1097,7 +1107,8 @@ static int NAME(model_rollout_range)(int64_t lo, int64_t hi, const NAME(model_op
 {
     for (int64_t r = lo; r < hi; ++r) {
         const double cost = NAME(model_row)(o, r % o->B, o->K ? o->alphas[r / o->B] : 0,
-                                            X + r * o->T * o->n, U + r * o->T * o->m);
+                                            X + r * o->T * o->n, U + r * o->T * o->m, NULL,
+                                            NULL, 0);
         if (J)
             J[r] = (REAL)cost;
     }
@@ -1107,17 +1118,20 @@ static int NAME(model_rollout_range)(int64_t lo, int64_t hi, const NAME(model_op
 /* The line search (ilqr._search) for samples [lo, hi): each tries alphas[0], alphas[1], ... in
  * turn and takes the first whose cost is below J0 (the full step also where near[b] and its cost
  * is at most J0 + floor[b]): X [B, T, n], U, J [B] of that step, first [B] its index, found [B];
- * where none is, found is 0, first 0, and X, U, J are the last step's. */
+ * where none is, found is 0, first 0, and X, U, J are the last step's (partial and infinite
+ * where rest, model_row's bound, stopped it). */
 static int NAME(model_search_range)(int64_t lo, int64_t hi, const NAME(model_ops) *o, int64_t A,
                                     const REAL *J0, const REAL *floor_, const uint8_t *near,
-                                    REAL *X, REAL *U, REAL *J, int64_t *first, uint8_t *found)
+                                    const REAL *rest, const int64_t *sr, REAL *X, REAL *U,
+                                    REAL *J, int64_t *first, uint8_t *found)
 {
     for (int64_t b = lo; b < hi; ++b) {
         REAL *xr = X + b * o->T * o->n, *ur = U + b * o->T * o->m;
         found[b] = 0;
         first[b] = 0;
         for (int64_t a = 0; a < A; ++a) {
-            const REAL cost = (REAL)NAME(model_row)(o, b, o->alphas[a], xr, ur);
+            const double limit = (double)J0[b] + (a == 0 && near[b] ? (double)floor_[b] : 0.0);
+            const REAL cost = (REAL)NAME(model_row)(o, b, o->alphas[a], xr, ur, rest, sr, limit);
             J[b] = cost;
             if (cost < J0[b] || (a == 0 && near[b] && cost <= J0[b] + floor_[b])) {
                 found[b] = 1;
@@ -1159,15 +1173,16 @@ int NAME(diffmpc_model_rollout)(int threads, int model, const double *consts, in
 int NAME(diffmpc_model_search)(int threads, int model, const double *consts, int64_t A, int64_t B,
                                int64_t T, int64_t n, int64_t m, const REAL *alphas,
                                const REAL *const *ptr, const int64_t *const *str, const REAL *J0,
-                               const REAL *floor_, const uint8_t *near, REAL *X, REAL *U, REAL *J,
-                               int64_t *first, uint8_t *found)
+                               const REAL *floor_, const uint8_t *near, const REAL *rest,
+                               const int64_t *sr, REAL *X, REAL *U, REAL *J, int64_t *first,
+                               uint8_t *found)
 {
     NAME(model_ops) o;
     if (NAME(model_ops_fill)(&o, model, consts, B, T, n, m, alphas, ptr, str) || !o.K || !o.C)
         return 1;
     int rc = 0;
-    RANGES(threads, B, 1, rc, NAME(model_search_range)(lo, hi, &o, A, J0, floor_, near, X, U, J,
-                                                       first, found));
+    RANGES(threads, B, 1, rc, NAME(model_search_range)(lo, hi, &o, A, J0, floor_, near, rest, sr,
+                                                       X, U, J, first, found));
     return rc;
 }
 
