@@ -843,7 +843,7 @@ int NAME(diffmpc_homogeneous)(int threads, int64_t B, int64_t T, int64_t rows, i
  */
 /* dst[i * cols + j] = the LANES numbers at (i, j) of the blocks P[0..LANES-1] (strides s[2],
  * s[3]); adjacent: the lanes' blocks are interleaved (batch stride 1), one vector load each. */
-static void NAME(load_blocks)(VEC *dst, const REAL *const *P, int64_t rows, int64_t cols,
+static inline __attribute__((always_inline)) void NAME(load_blocks)(VEC *dst, const REAL *const *P, int64_t rows, int64_t cols,
                               const int64_t *s, int adjacent)
 {
     for (int64_t i = 0; i < rows; ++i)
@@ -856,13 +856,12 @@ static void NAME(load_blocks)(VEC *dst, const REAL *const *P, int64_t rows, int6
         }
 }
 
-static int NAME(scalar_riccati_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n,
-                                      const REAL *Ch, const int64_t *sC, const REAL *Fh,
-                                      const int64_t *sF, const REAL *lw, const int64_t *sl,
-                                      const REAL *up, const int64_t *sh, const uint8_t *fr,
-                                      const int64_t *sfr, const REAL *reg, const int64_t *sr,
-                                      const REAL *floor_, const int64_t *sf, REAL *Kh,
-                                      uint8_t *free_out, REAL *qu, REAL *h_out, REAL *hr_out)
+static inline __attribute__((always_inline)) int NAME(scalar_riccati_body)(
+    int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n, const REAL *Ch, const int64_t *sC,
+    const REAL *Fh, const int64_t *sF, const REAL *lw, const int64_t *sl, const REAL *up,
+    const int64_t *sh, const uint8_t *fr, const int64_t *sfr, const REAL *reg, const int64_t *sr,
+    const REAL *floor_, const int64_t *sf, REAL *Kh, uint8_t *free_out, REAL *qu, REAL *h_out,
+    REAL *hr_out)
 {
     const int64_t nh = n + 1, ph = n + 2, c = n + 1;  /* c: the control's homogeneous index */
     const int64_t groups = (hi - lo + LANES - 1) / LANES;  /* this range's */
@@ -960,6 +959,30 @@ static int NAME(scalar_riccati_range)(int64_t lo, int64_t hi, int64_t B, int64_t
     }
     free(buf);
     return 0;
+}
+
+/* scalar_riccati_body with the state size a constant where it is a built-in model's (3:
+ * Pendulum, 5: Cartpole): loops of known trip count, unrolled into registers */
+static int NAME(scalar_riccati_range)(int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n,
+                                      const REAL *Ch, const int64_t *sC, const REAL *Fh,
+                                      const int64_t *sF, const REAL *lw, const int64_t *sl,
+                                      const REAL *up, const int64_t *sh, const uint8_t *fr,
+                                      const int64_t *sfr, const REAL *reg, const int64_t *sr,
+                                      const REAL *floor_, const int64_t *sf, REAL *Kh,
+                                      uint8_t *free_out, REAL *qu, REAL *h_out, REAL *hr_out)
+{
+#define DM_SCALAR_PASS(N)                                                                       \
+    NAME(scalar_riccati_body)(lo, hi, B, T, N, Ch, sC, Fh, sF, lw, sl, up, sh, fr, sfr, reg, sr, \
+                              floor_, sf, Kh, free_out, qu, h_out, hr_out)
+    switch (n) {
+    case 3:
+        return DM_SCALAR_PASS(3);
+    case 5:
+        return DM_SCALAR_PASS(5);
+    default:
+        return DM_SCALAR_PASS(n);
+    }
+#undef DM_SCALAR_PASS
 }
 
 int NAME(diffmpc_scalar_riccati)(int threads, int64_t B, int64_t T, int64_t n, const REAL *Ch,
