@@ -269,11 +269,14 @@ def _fmt(row: dict) -> list[str]:
     def ratio(a, b):
         return f"{row[b] / row[a]:.1f}x" if a in row and b in row else "-"
 
+    def share(key):  # a fraction in percent to 0.1, rounded down: 255 of 256 is not 100 %
+        return f"{math.floor(row[key] * 1000 + 1e-9) / 10:g}%" if key in row else "-"
+
     return [row["system"], str(row["T"]), str(row["B"]), num("d_fwd", ".1f"), num("d_fb", ".1f"),
             num("p_fwd", ".0f"), num("p_fb", ".0f"), ratio("d_fwd", "p_fwd"),
             ratio("d_fb", "p_fb"), f"{row['d_iter']:.1f}/{row['d_iter_max']}", num("p_iter", "d"),
-            num("d_conv", ".0%"), num("p_conv", ".0%"), num("d_obj", ".4f"), num("p_obj", ".4f"),
-            num("no_worse", ".0%"), row.get("target", "-")]
+            share("d_conv"), share("p_conv"), num("d_obj", ".4f"), num("p_obj", ".4f"),
+            share("no_worse"), row.get("target", "-")]
 
 
 def markdown(rows: list[dict], header: str) -> str:
