@@ -7,7 +7,7 @@ and the products over its ``[B, T]`` blocks (``C tau``, ``F' lam``, gradient out
 are chains of small operations, which BLAS and PyTorch's dispatch run far below this machine's
 peak (``BENCHMARKS.md``). ``_native/lq.c`` runs each as one loop, with several samples in the
 lanes of each vector instruction where the work is arithmetic. It is compiled once per machine
-with the system's C compiler (``$CC``, else ``cc``; under a second) into a cache directory
+with the system's C compiler (``$CC``, else ``cc``; a few seconds) into a cache directory
 (``$DIFFMPC_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffmpc``, else ``~/.cache/diffmpc``) and loaded
 with ctypes: no build step at install time, no Python headers.
 
