@@ -423,12 +423,13 @@ class TrajCost:
             parent, idx = self._parent
             self._rest = _take_rows(parent.rest_minima(), idx)
         if self._rest is None:
-            C, c = self.raw.C.detach(), self.C.new_zeros(()) if self.raw.c is None else self.raw.c
+            C = self.raw.C.detach()
+            c = C.new_zeros(C.shape[-1]) if self.raw.c is None else self.raw.c.detach()
             L, info = torch.linalg.cholesky_ex(C)
-            c = c.detach().expand(*torch.broadcast_shapes(C.shape[:-1], c.shape))
-            L = L.expand(*c.shape[:-1], *L.shape[-2:])
+            # (the batch dimensions broadcast in the solve; torch.broadcast_shapes would import
+            # sympy on first use, 0.3 s)
             low = -0.5 * (c * torch.cholesky_solve(c.unsqueeze(-1), L).squeeze(-1)).sum(-1)
-            low = torch.where(info.expand(low.shape) == 0, low, -torch.inf)
+            low = torch.where(info == 0, low, -torch.inf)
             low = low.expand(self.B, self.T).contiguous()
             after = low[:, 1:].flip(-1).cumsum(-1).flip(-1)  # sum over s >= t + 1
             self._rest = torch.cat([after, low.new_zeros(self.B, 1)], -1)

@@ -999,3 +999,29 @@ def test_stage_cost_bounds_of_the_line_search():
     rest = TrajCost(QuadCost(C2, c), B, T, 3, 1).rest_minima()
     assert bool(rest[1, :3].isneginf().all()) and bool(rest[1, 3:].isfinite().all())
     assert bool(rest[[0, 2]].isfinite().all())
+
+
+_FIRST_SOLVE = """
+import sys
+import torch
+import diffmpc as dm
+from diffmpc.systems import Cartpole, Pendulum
+heavy = "sympy" in sys.modules
+for model in (Pendulum(dtype=torch.float64), Cartpole(dtype=torch.float64)):
+    x0 = torch.zeros(4, model.n_state, dtype=torch.float64)
+    x0[:, -3] = -1.0
+    mpc = dm.MPC(model.n_state, 1, 10, model.u_lower, model.u_upper, max_iter=3,
+                 unconverged="keep")
+    mpc(x0, model.default_cost(), model)
+print(heavy, "sympy" in sys.modules)
+"""
+
+
+def test_a_first_solve_imports_nothing_heavy():
+    """A process's first swing-up solve (a policy's first step) must not pull in sympy through a
+    PyTorch helper (``torch.broadcast_shapes`` does: 0.3 s of imports on first use)."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_SOLVE], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    if out[0] == "True":
+        pytest.skip("this PyTorch imports sympy by itself")
+    assert out == ["False", "False"]
