@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA checks and the GPU benchmarks in one run: tests/test_cuda.py, then the three benchmark
-# scripts with --device cuda at the sizes of the issues' targets. Each step has a time limit (at
-# most 9.5 minutes in all; on an H200 mpc.pytorch's B = 256, T = 50 solves take 2-33 s each, so
+# The CUDA checks and the GPU benchmarks in one run: tests/test_cuda.py, then the benchmark
+# scripts with --device cuda at the sizes of the issues' targets (the swing-ups in their own
+# step, not solver_speed.py's second table). Each step has a time limit (at most 9.5 minutes in
+# all; on an H200 mpc.pytorch's B = 256, T = 50 solves take 2-33 s each, so
 # it gets one or two repetitions there); a step that fails or runs out is reported and the next
 # one runs.
 #
@@ -40,10 +41,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
 step test_cuda 60 env DIFFMPC_TEST_DEVICE="$DEVICE" $PY -m pytest -q -p no:cacheprovider \
     tests/test_cuda.py
 step solver 120 $PY benchmarks/solver_speed.py --device "$DEVICE" --sizes "$LQR" --no-cvxpy \
-    --ref-budget 10 --out "$OUT/solver.md"
+    --ref-budget 10 --no-swing-ups --out "$OUT/solver.md"
 # the same LQ solves with the sequential recursions instead of the CUDA default's scans over time
 step solver_sequential 45 $PY benchmarks/solver_speed.py --device "$DEVICE" --sizes "$LQR" \
-    --no-reference --no-cvxpy --option time_parallel=false --out "$OUT/solver_sequential.md"
+    --no-reference --no-cvxpy --option time_parallel=false --no-swing-ups \
+    --out "$OUT/solver_sequential.md"
 step launches 45 $PY benchmarks/launches.py --device "$DEVICE" --sizes "$LQR" --out "$OUT/launches.md"
 step nonlinear 200 $PY benchmarks/nonlinear_speed.py --device "$DEVICE" --sizes "$NL" \
     --reps "$REPS" --ref-budget 10 --out "$OUT/nonlinear.md"

@@ -11,10 +11,14 @@ Convergence: diffmpc reports it per sample (``sol.converged``). mpc.pytorch does
 so a sample counts as solved when its controls are within ``--conv-tol`` of a reference solution
 (diffmpc with tol=1e-10, itself checked against cvxpy on the first samples, column "ref err").
 
+Then the nonlinear problems: pendulum and cartpole swing-up against mpc.pytorch, T in {20, 50},
+B in {1, 32, 256} (``nonlinear_speed.py``'s table, run in this process; ``--no-swing-ups``
+skips it, ``--swing-up-sizes`` picks its sizes, ``--quick`` takes its small subset).
+
 Usage:
-    python benchmarks/solver_speed.py                      # the full table (minutes)
-    python benchmarks/solver_speed.py --quick              # a small subset
-    python benchmarks/solver_speed.py --sizes 256x50 --box on --out results.md
+    python benchmarks/solver_speed.py                      # both tables (about 15 minutes)
+    python benchmarks/solver_speed.py --quick              # a small subset of each
+    python benchmarks/solver_speed.py --sizes 256x50 --box on --no-swing-ups --out results.md
     python benchmarks/solver_speed.py --device cuda --sizes 256x50,1024x50 --no-cvxpy
 """
 
@@ -298,7 +302,11 @@ def parse_args(argv=None):
     ap.add_argument("--no-cvxpy", dest="cvxpy", action="store_false",
                     help="skip checking the reference solution against cvxpy")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", help="write the markdown table to this file")
+    ap.add_argument("--no-swing-ups", dest="swing_ups", action="store_false",
+                    help="skip the pendulum and cartpole swing-up table")
+    ap.add_argument("--swing-up-sizes", help="its sizes, comma-separated BxT (default: T in "
+                    "{20, 50}, B in {1, 32, 256}; with --quick 1x20,32x20)")
+    ap.add_argument("--out", help="write the markdown table(s) to this file")
     args = ap.parse_args(argv)
     if args.reps is None:
         args.reps = 2 if args.quick else 5
@@ -329,6 +337,30 @@ def main(argv=None) -> list[dict]:
               f"median of {args.reps}; mpc.pytorch lqr_iter={args.lqr_iter}; "
               f"box: |u| <= {BOUND}; diffmpc options: {args.options or 'defaults'})")
     _report.publish(markdown(rows, header), args.out)
+    if args.swing_ups:
+        rows += _swing_ups(args)
+    return rows
+
+
+def _swing_ups(args) -> list[dict]:
+    """``nonlinear_speed.py``'s table with this run's settings; appended to ``--out``."""
+    import nonlinear_speed
+
+    argv = ["--reps", str(args.reps), "--threads", str(args.threads), "--device",
+            str(args.device), "--seed", str(args.seed)]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--sizes", args.swing_up_sizes] if args.swing_up_sizes else []
+    argv += ["--no-reference"] if args.no_reference else []
+    for key, value in args.options.items():
+        argv += ["--option", f"{key}={value}"]
+    print(flush=True)
+    rows = nonlinear_speed.main(argv)
+    if args.out:
+        header = (f"Nonlinear MPC speed (swing-up, float64, {_report.device_name(args.device)}, "
+                  f"median of up to {args.reps}; mpc.pytorch: lqr_iter=50, AUTO_DIFF, its env's "
+                  f"settings)")
+        with open(args.out, "a") as fh:
+            fh.write("\n\n" + nonlinear_speed.markdown(rows, header))
     return rows
 
 

@@ -26,7 +26,7 @@ def test_solver_speed_quick(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "table.md"
     rows = bench.main(["--quick", "--sizes", "1x5", "--reps", "1", "--no-cvxpy",
-                       "--out", str(out)])
+                       "--no-swing-ups", "--out", str(out)])
     assert [(r["B"], r["T"], r["box"]) for r in rows] == [(1, 5, False), (1, 5, True)]
     for r in rows:
         assert r["d_conv"] == 1.0 and r["p_conv"] == 1.0
@@ -35,6 +35,23 @@ def test_solver_speed_quick(tmp_path, capsys):
     assert len(table) == 6 and table[2].startswith("| B | T | box |")
     assert all(line.count("|") == table[2].count("|") for line in table[2:])
     assert "B=1  T=5  box=yes" in capsys.readouterr().out  # one progress line per configuration
+
+
+@pytest.mark.reference
+def test_solver_speed_runs_the_swing_ups_too(tmp_path, capsys):
+    """solver_speed.py's second table: pendulum and cartpole swing-up against mpc.pytorch (the
+    issue's benchmark script), appended to the same file."""
+    pytest.importorskip("mpc")
+    bench = _load()
+    out = tmp_path / "table.md"
+    rows = bench.main(["--sizes", "1x5", "--box", "off", "--reps", "1", "--no-cvxpy",
+                       "--swing-up-sizes", "1x5", "--out", str(out)])
+    assert [r.get("system", "lq") for r in rows] == ["lq", "pendulum", "cartpole"]
+    for r in rows[1:]:
+        assert r["d_conv"] == 1.0 and r["p_fb"] > 0 and r["d_fb"] > 0
+    text = out.read_text()
+    assert "| B | T | box |" in text and "| system | T | B |" in text
+    assert "system=cartpole  T=5  B=1" in capsys.readouterr().out
 
 
 def test_launches_script_counts_fewer_operations_with_scans(tmp_path):
