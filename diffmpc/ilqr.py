@@ -209,7 +209,13 @@ def _search(x_init, cost, dyn, x, u, J, gains, lower, upper, alphas, floor, near
         # rolling out the sizes at once, and none of the operations' dispatch)
         return native.model_search(*model, x_init, u, x, gains.K, gains.k, alphas, lower, upper,
                                    cost.C, cost.c, J, floor, near, cost.rest_minima())
-    Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
+    model = None if cost.quadratic else dyn.native_model(x, x_init, u, gains.K, gains.k, lower,
+                                                         upper)
+    if model is not None:  # another cost module: the rollouts compiled, the costs its own
+        Xc, Uc, _ = native.model_rollout(*model, x_init, u, x, gains.K, gains.k, alphas, lower,
+                                         upper)
+    else:
+        Xc, Uc = _closed_loop(dyn, x_init, x, u, gains, alphas, lower, upper)
     Jc = cost.value(Xc, Uc).sum(-1)  # [A, B]
     first, found = _pick(J.detach(), Jc.detach(), floor, near)
     ar = torch.arange(x.shape[0], device=x.device)

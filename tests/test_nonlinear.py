@@ -462,6 +462,35 @@ class WavyCost(nn.Module):
         return self.goal_cost(x, u) + self.a * torch.cos(self.b * x[..., 2])
 
 
+def test_cost_modules_search_on_the_compiled_rollouts():
+    """With a cost module (not a QuadCost) the built-in model's line-search rollouts still run
+    compiled (``native.model_rollout``), the costs by the module: the same iterates as with the
+    model's PyTorch steps, to rounding."""
+    from diffmpc import native
+
+    if not native.available():
+        pytest.skip(f"native kernels: {native.status()}")
+    sysm = Pendulum(dtype=DT)
+    cost = WavyCost(sysm.default_cost(learn_goal=False, learn_weights=False))
+    x_init = starts("pendulum", 12, seed=4)
+    mpc = dm.MPC(3, 1, 20, sysm.u_lower, sysm.u_upper, unconverged="keep")
+    calls, real = [], native.model_rollout
+
+    def spy(*a, **k):
+        calls.append(len(a) > 5 and a[5] is not None)  # K given: a closed-loop rollout
+        return real(*a, **k)
+
+    out = []
+    for on in (True, False):
+        with torch.no_grad(), native.enabled(on), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(native, "model_rollout", spy)
+            out.append(mpc(x_init, cost, sysm))
+    assert any(calls)
+    a, b = out
+    assert torch.equal(a.iterations, b.iterations) and bool(a.converged.all())
+    torch.testing.assert_close(a.u, b.u, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.usefixtures("recursion")
 def test_nonconvex_cost_converges_to_a_kkt_point_with_exact_gradients():
     sysm = Pendulum(dtype=DT)
