@@ -74,9 +74,9 @@ class SolverOptions:
             over time (``diffmpc.parallel``): about ``log2 T`` levels of batched operations
             instead of T sequential steps, for about log2 T times the arithmetic and a few
             ``[T, B, n, 3n+2]`` tensors per level of memory. None: on CUDA tensors, where
-            each operation costs a kernel launch, up to very large batches, and on the CPU for
-            one sample over 20 steps or more (``auto_time_parallel``). The box-DDP steps stay
-            sequential.
+            each operation costs a kernel launch, up to very large batches; on the CPU for one
+            sample over 20 steps or more, and only where the sequential passes do not run
+            compiled (``auto_time_parallel``). The box-DDP steps stay sequential.
     """
 
     max_iter: int = 50
@@ -94,7 +94,10 @@ class SolverOptions:
         """``time_parallel`` resolved for a batch ``x_init [B, n]`` over ``horizon`` steps."""
         if self.time_parallel is not None:
             return self.time_parallel
-        return auto_time_parallel(x_init.is_cuda, x_init.shape[0], horizon, x_init.shape[-1])
+        compiled = (x_init.device.type == "cpu" and native.available()
+                    and x_init.dtype in (torch.float32, torch.float64))
+        return auto_time_parallel(x_init.is_cuda, x_init.shape[0], horizon, x_init.shape[-1],
+                                  compiled)
 
 
 # B T n^3 up to which scans over time beat the sequential recursions on a GPU: measured on an H200
@@ -103,16 +106,18 @@ class SolverOptions:
 _PARALLEL_WORK = 1e8
 
 
-def auto_time_parallel(cuda: bool, B: int, T: int, n: int) -> bool:
+def auto_time_parallel(cuda: bool, B: int, T: int, n: int, compiled: bool = False) -> bool:
     """``time_parallel=None``'s choice. On CUDA tensors: the scans over time, unless the batch is
     so large (``B T n^3`` above ``_PARALLEL_WORK``) that their extra arithmetic costs more than
-    the kernel launches they save. On the CPU: only for one sample (B = 1) over T >= 20 steps
-    with n <= 16 states, where each operation's dispatch dominates (measured at n = 10: LQR
-    fwd+bwd 5-25 % faster at T = 20-100, box-LQR 15-30 %; 10 % slower at T = 10, even at B = 2,
-    and 5x slower at B = 32)."""
+    the kernel launches they save. On the CPU, where the sequential passes run ``compiled``
+    (``diffmpc.native``): never (B = 1, n = 10, T = 50, fwd+bwd: LQR 1.7 ms against 4.9 with
+    scans, box-LQR 4.1 against 18.1). Without the kernels: only for one sample (B = 1) over T >=
+    20 steps with n <= 16 states, where each operation's dispatch dominates (measured at n = 10:
+    LQR fwd+bwd 5-25 % faster at T = 20-100, box-LQR 15-30 %; 10 % slower at T = 10, even at
+    B = 2, and 5x slower at B = 32)."""
     if cuda:
         return B * T * n ** 3 <= _PARALLEL_WORK
-    return B == 1 and T >= 20 and n <= 16
+    return not compiled and B == 1 and T >= 20 and n <= 16
 
 
 @dataclass

@@ -153,15 +153,22 @@ def test_unstable_dynamics_match_cvxpy(make_problem, reference):
 
 
 def test_time_parallel_option_resolves_by_device_and_size():
+    from diffmpc import native
+
     cpu = torch.zeros(4, 10)
     assert not dm.SolverOptions().parallel_for(cpu, 50)
-    assert dm.SolverOptions().parallel_for(cpu[:1], 50)  # one sample: dispatch-bound
+    # one sample: dispatch-bound in PyTorch operations, not where the passes run compiled
+    assert dm.SolverOptions().parallel_for(cpu[:1], 50) == (not native.available())
+    with native.enabled(False):
+        assert dm.SolverOptions().parallel_for(cpu[:1], 50)
     assert dm.SolverOptions(time_parallel=True).parallel_for(cpu, 50)
     assert not dm.SolverOptions(time_parallel=False).parallel_for(cpu[:1], 50)
     assert auto_time_parallel(True, 256, 50, 10) and auto_time_parallel(True, 1024, 50, 10)
     assert not auto_time_parallel(True, 4096, 50, 10)  # the scans' arithmetic outweighs
     assert auto_time_parallel(False, 1, 20, 10) and not auto_time_parallel(False, 1, 10, 10)
     assert not auto_time_parallel(False, 2, 50, 10) and not auto_time_parallel(False, 1, 50, 32)
+    assert not auto_time_parallel(False, 1, 50, 10, compiled=True)
+    assert auto_time_parallel(True, 1, 50, 10, compiled=True)  # (CUDA: no kernels)
     with pytest.raises(ValueError, match="time_parallel"):
         dm.MPC(2, 1, 5, time_parallel="yes")
 
