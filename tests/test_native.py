@@ -207,8 +207,12 @@ def test_not_used_where_grad_is_recorded(make_problem):
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter with ``env`` over this one's environment, less the
+    switches of the native build (a test run with DIFFMPC_NATIVE=0 must not leak into these)."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("DIFFMPC_NATIVE", "DIFFMPC_NATIVE_OPENMP", "DIFFMPC_NATIVE_MARCH")}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env})
+                          timeout=300, env={**base, **env})
 
 
 _SOLVE = """
@@ -254,18 +258,7 @@ def test_disabled_by_environment_and_without_a_compiler(tmp_path):
 
 def _spied(name, fn, *args, **kw):
     """``fn(*args, **kw)`` asserting that it called ``native.<name>``."""
-    calls = []
-    real = getattr(native, name)
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    setattr(native, name, spy)
-    try:
-        out = fn(*args, **kw)
-    finally:
-        setattr(native, name, real)
+    out, calls = _spy(name, lambda: fn(*args, **kw))
     assert calls, f"native.{name} was not used"
     return out
 
