@@ -1,6 +1,7 @@
 """Native kernels: the CPU's linear-quadratic passes compiled from C on first use, with PyTorch
-operations as the fallback; also the line search's rollouts of the built-in models (the Euler
-steps of ``diffmpc.systems.Pendulum`` and ``Cartpole``, ``model_rollout``).
+operations as the fallback; also the Euler steps of the built-in models
+(``diffmpc.systems.Pendulum`` and ``Cartpole``): the line search's rollouts and their
+derivatives (``model_rollout``, ``model_search``, ``model_expansion``).
 
 On a CPU the sequential passes of a batched LQ solve (Riccati recursions, rollouts, costates)
 and the products over its ``[B, T]`` blocks (``C tau``, ``F' lam``, gradient outer products)

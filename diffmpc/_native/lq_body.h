@@ -1019,26 +1019,31 @@ int NAME(diffmpc_scalar_riccati)(int threads, int64_t B, int64_t T, int64_t n, c
  *
  * Inputs are views (strides {batch, time, entry...}); X [A, B, T, n], U [A, B, T, m], J [A, B]
  * contiguous. Returns 0, or 1 for an unknown model or sizes that are not the model's. */
-static void NAME(turn)(double c, double s, double d, REAL *out)
+#ifndef DM_MODEL_SHARED  /* in double whatever REAL is: compiled once, not per type */
+#define DM_MODEL_SHARED
+static void dm_turn(double c, double s, double d, double *out)
 {
     const double r = sqrt(c * c + s * s);
     if (r > 0 && r < HUGE_VAL) {
         const double sd = sin(d), cd = cos(d);
-        out[0] = (REAL)((c * cd - s * sd) / r);
-        out[1] = (REAL)((s * cd + c * sd) / r);
+        out[0] = (c * cd - s * sd) / r;
+        out[1] = (s * cd + c * sd) / r;
     } else {
         const double th = atan2(s, c) + d;
-        out[0] = (REAL)cos(th);
-        out[1] = (REAL)sin(th);
+        out[0] = cos(th);
+        out[1] = sin(th);
     }
 }
+#endif
 
 static void NAME(model_step)(int model, const double *p, const REAL *x, const REAL *u, REAL *xn)
 {
     if (model == 1) {
         const double c = x[0], s = x[1], w = x[2];
         const double wn = (w + s * p[0]) + (double)u[0] * p[1];
-        NAME(turn)(c, s, p[2] * wn, xn);
+        double cs[2];
+        dm_turn(c, s, p[2] * wn, cs);
+        xn[0] = (REAL)cs[0], xn[1] = (REAL)cs[1];
         xn[2] = (REAL)wn;
     } else {
         const double l = p[0], g = p[1], inv_M = p[2], mpl = p[3], k = p[4], mu = p[5], dt = p[6];
@@ -1048,7 +1053,9 @@ static void NAME(model_step)(int model, const double *p, const REAL *x, const RE
         const double pdd = a - (thdd * c) * mu;
         xn[0] = (REAL)(pos + dt * v);
         xn[1] = (REAL)(v + dt * pdd);
-        NAME(turn)(c, s, dt * w, xn + 2);
+        double cs[2];
+        dm_turn(c, s, dt * w, cs);
+        xn[2] = (REAL)cs[0], xn[3] = (REAL)cs[1];
         xn[4] = (REAL)(w + dt * thdd);
     }
 }
@@ -1217,8 +1224,10 @@ int NAME(diffmpc_model_search)(int threads, int model, const double *consts, int
  *   on the coordinates [first, first + k) of z where the curvature lives (pendulum: k = 4 from
  *   0; cartpole: k = 4 from 2, the cart's position and velocity enter linearly).
  * Either output may be NULL (then lam is not read). Returns 0, or 1 for an unknown model. */
-static void NAME(model_derivatives)(int model, const double *p, const double *xz, double u,
-                                    const double *lam, double *J, double *H)
+#ifndef DM_DERIVATIVES_SHARED
+#define DM_DERIVATIVES_SHARED
+static void dm_model_derivatives(int model, const double *p, const double *xz, double u,
+                                 const double *lam, double *J, double *H)
 {
     /* the angle th' = atan2(s, c) + ...: its gradient phi (in r = [c, s, w, u]) and Hessian */
     const double c = xz[model == 1 ? 0 : 2], s = xz[model == 1 ? 1 : 3];
@@ -1227,7 +1236,9 @@ static void NAME(model_derivatives)(int model, const double *p, const double *xz
     const double d_c = -s * inv_r2, d_s = c * inv_r2;
     const double h_cc = 2 * c * s * inv_r4, h_cs = (s * s - c * c) * inv_r4, h_ss = -h_cc;
     double phi[4], g1[4], g2[4], dth, cs_n[2];
-    REAL cs_r[2];
+    if (H)
+        for (int i = 0; i < 16; ++i)
+            H[i] = 0;
     if (model == 1) {  /* w' = w + dt (alpha s + beta u), th' = th + dt w' */
         const double dta = p[0], dtb = p[1], dt = p[2];
         const double wn = w + (dta * s + dtb * u);
@@ -1261,8 +1272,6 @@ static void NAME(model_derivatives)(int model, const double *p, const double *xz
             double hv[4];
             for (int i = 0; i < 4; ++i)
                 hv[i] = beta * (ga[i] + d * gq[i]) + (dt * mu * lam_v) * gq[i];
-            for (int i = 0; i < 16; ++i)
-                H[i] = 0;
             for (int i = 0; i < 4; ++i) {
                 H[i] -= hv[i];      /* row 0: - e_c h' */
                 H[i * 4] -= hv[i];  /* column 0: - h e_c' */
@@ -1274,14 +1283,10 @@ static void NAME(model_derivatives)(int model, const double *p, const double *xz
             H[2 * 4 + 2] += ha * s;
         }
     }
-    NAME(turn)(c, s, dth, cs_r);
-    cs_n[0] = cs_r[0], cs_n[1] = cs_r[1];
+    dm_turn(c, s, dth, cs_n);
     if (H) {  /* the angle's part: lam_c Hess cos th' + lam_s Hess sin th' */
         const double lc = lam[model == 1 ? 0 : 2], ls = lam[model == 1 ? 1 : 3];
         const double a = -(lc * cs_n[0] + ls * cs_n[1]), bb = ls * cs_n[0] - lc * cs_n[1];
-        if (model == 1)
-            for (int i = 0; i < 16; ++i)
-                H[i] = 0;
         for (int i = 0; i < 4; ++i)
             for (int j = 0; j < 4; ++j)
                 H[i * 4 + j] += a * phi[i] * phi[j];
@@ -1307,6 +1312,7 @@ static void NAME(model_derivatives)(int model, const double *p, const double *xz
         }
     }
 }
+#endif
 
 static int NAME(model_expansion_range)(int64_t lo, int64_t hi, int model, const double *p,
                                        int64_t B, int64_t T1, int64_t n, const REAL *x,
@@ -1321,8 +1327,8 @@ static int NAME(model_expansion_range)(int64_t lo, int64_t hi, int model, const 
                 xz[i] = x[b * sx[0] + t * sx[1] + i * sx[2]];
                 lv[i] = Hb ? lam[b * sl[0] + t * sl[1] + i * sl[2]] : 0;
             }
-            NAME(model_derivatives)(model, p, xz, u[b * su[0] + t * su[1]], lv, J ? Jd : NULL,
-                                    Hb ? Hd : NULL);
+            dm_model_derivatives(model, p, xz, u[b * su[0] + t * su[1]], lv, J ? Jd : NULL,
+                                 Hb ? Hd : NULL);
             if (J)
                 for (int64_t i = 0; i < n * pz; ++i)
                     J[(b * T1 + t) * n * pz + i] = (REAL)Jd[i];
