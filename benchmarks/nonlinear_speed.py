@@ -319,26 +319,32 @@ def parse_args(argv=None):
     return args
 
 
+def _options(args) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in args.options.items()) or "defaults"
+    return opts + ("; model derivatives by autograd" if args.autograd else "")
+
+
+def header(args) -> str:
+    """The table's title line for these arguments."""
+    return (f"Nonlinear MPC speed (swing-up, float64, {_report.device_name(args.device)}, "
+            f"median of up to {args.reps}; mpc.pytorch: lqr_iter=50, AUTO_DIFF, its env's "
+            f"settings; diffmpc options: {_options(args)})")
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.no_reference:
         _patch_mpc_pytorch()
-    opts = ", ".join(f"{k}={v}" for k, v in args.options.items()) or "defaults"
-    if args.autograd:
-        opts += "; model derivatives by autograd"
     print(f"nonlinear_speed: float64, {_report.device_name(args.device)}, reps={args.reps}, "
-          f"diffmpc options: {opts}", flush=True)
+          f"diffmpc options: {_options(args)}", flush=True)
     rows = []
     for name in args.systems:
         for B, T in args.sizes:
             row = bench_config(name, B, T, args)
             rows.append(row)
             print(_report.progress(COLUMNS, _fmt(row)), flush=True)
-    header = (f"Nonlinear MPC speed (swing-up, float64, {_report.device_name(args.device)}, "
-              f"median of up to {args.reps}; mpc.pytorch: lqr_iter=50, AUTO_DIFF, its env's "
-              f"settings; diffmpc options: {opts})")
-    _report.publish(markdown(rows, header), args.out)
+    _report.publish(markdown(rows, header(args)), args.out)
     return rows
 
 

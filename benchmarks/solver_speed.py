@@ -356,11 +356,9 @@ def _swing_ups(args) -> list[dict]:
     print(flush=True)
     rows = nonlinear_speed.main(argv)
     if args.out:
-        header = (f"Nonlinear MPC speed (swing-up, float64, {_report.device_name(args.device)}, "
-                  f"median of up to {args.reps}; mpc.pytorch: lqr_iter=50, AUTO_DIFF, its env's "
-                  f"settings)")
+        title = nonlinear_speed.header(nonlinear_speed.parse_args(argv))
         with open(args.out, "a") as fh:
-            fh.write("\n\n" + nonlinear_speed.markdown(rows, header))
+            fh.write("\n\n" + nonlinear_speed.markdown(rows, title))
     return rows
 
 
