@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "solver_speed.py"
 
@@ -105,3 +106,35 @@ def test_nonlinear_table_never_rounds_a_shortfall_up_to_all():
                p_conv=5 / 256, no_worse=255 / 256)
     cells = bench._fmt(row)
     assert cells[11:13] == ["100%", "1.9%"] and cells[15] == "99.6%"
+
+
+def test_box_passes_table_locates_the_last_change():
+    """benchmarks/box_passes.py: per whole-batch pass, the samples whose held set changed, the
+    mean of their last changed step (-1 where none) and of each 8-sample group's latest."""
+    bench = _load(SCRIPT.with_name("box_passes.py"))
+    B, T, m = 9, 4, 2
+    first = torch.ones(B, T, m, dtype=torch.bool)
+    second = first.clone()
+    second[0, 1, 0] = False  # sample 0: last change at step 1
+    second[8, 3, 1] = False  # sample 8 (the second group, alone): step 3
+    passes = [{"free": first, "ms": 1.0}, {"free": second, "ms": 2.0},
+              {"free": second[:3], "ms": 0.5}]
+    lines = bench.table(passes, B).splitlines()
+    assert lines[2] == "| 1 | 9 | 1.0 | - | - | - |"
+    # last changed steps: 1, -1 x 7, 3 -> mean (1 - 7 + 3) / 9; groups: max(1, -1...) = 1 and 3
+    assert lines[3] == f"| 2 | 9 | 2.0 | 2 | {(1 - 7 + 3) / 9:.1f} | 2.0 |"
+    assert lines[4] == "| 3 | 3 | 0.5 | - | - | - |"
+
+
+def test_box_passes_script_records_every_pass():
+    """The script's hook sees the solve's passes: the first covers the whole batch, none more
+    than it, and the last leaves the batch converged (a tiny box problem)."""
+    from diffmpc import native
+
+    if not native.available():
+        pytest.skip(f"native kernels: {native.status()}")
+    bench = _load(SCRIPT.with_name("box_passes.py"))
+    passes = bench.record_passes(6, 5)
+    assert len(passes) >= 2 and passes[0]["free"].shape == (6, 5, 5)
+    assert not bool(passes[0]["free"].logical_not().any())  # from u = 0: nothing held
+    assert all(p["free"].shape[0] <= 6 and p["ms"] > 0 for p in passes)
