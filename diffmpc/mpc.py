@@ -162,7 +162,9 @@ class MPC(nn.Module):
             dynamics: ``LinearDynamics`` or a module ``(x [B, n], u [B, m]) -> [B, n]``.
             u_init: ``[B, T, m]`` warm start (broadcastable), default zeros. If the default
                 guess is stationary, it gets a second-order check and a saddle is left (a
-                pendulum hanging at rest with u = 0 is one).
+                pendulum hanging at rest with u = 0 is one). From the default guess the first
+                ``gauss_newton_iters`` iterations take Gauss-Newton steps (``SolverOptions``);
+                a warm start takes Newton steps at once.
 
         Returns:
             MPCSolution.
@@ -185,13 +187,14 @@ class MPC(nn.Module):
             lower_c = upper_c = None
         if mode == BackwardMode.UNROLL and torch.is_grad_enabled():
             res = ilqr(x_init, cost_a, dyn_a, u0, lower, upper, self.options, create_graph=True,
-                       probe_saddles=u_init is None)
+                       probe_saddles=u_init is None, cold_start=u_init is None)
             sol = _solution(res, res.x, res.u, res.objective)
         else:
             grad = torch.is_grad_enabled() and _needs_grad(x_init, cost_a, dyn_a, lower, upper)
             # with grad, _implicit forms the objective from its outputs
             res = _solve(x_init, cost_a, dyn_a, u0, lower_c, upper_c, self.options,
-                         probe_saddles=u_init is None, objective=not grad)
+                         probe_saddles=u_init is None, objective=not grad,
+                         cold_start=u_init is None)
             if grad:
                 x, u, obj = _implicit(x_init, cost_a, dyn_a, res, lower, upper,
                                       mode == BackwardMode.IMPLICIT, self.options)
@@ -630,6 +633,12 @@ def _check_options(o: SolverOptions) -> None:
     if not 0 < o.line_search_decay < 1:
         raise ValueError(f"line_search_decay: expected a float in (0, 1), "
                          f"got {o.line_search_decay!r}")
+    if not isinstance(o.gauss_newton_iters, int) or o.gauss_newton_iters < 0:
+        raise ValueError(f"gauss_newton_iters: expected a non-negative int, "
+                         f"got {o.gauss_newton_iters!r}")
+    if not 0 < o.gauss_newton_decay < 1:
+        raise ValueError(f"gauss_newton_decay: expected a float in (0, 1), "
+                         f"got {o.gauss_newton_decay!r}")
     if o.time_parallel is not None and not isinstance(o.time_parallel, bool):
         raise ValueError(f"time_parallel: expected None, True or False, got {o.time_parallel!r}")
 

@@ -259,6 +259,10 @@ def test_asymmetric_C_raises(prob):
     ({"tol": -1.0}, "tol"),
     ({"line_search_steps": 0}, "line_search_steps"),
     ({"line_search_decay": 1.5}, "line_search_decay"),
+    ({"gauss_newton_iters": -1}, "gauss_newton_iters"),
+    ({"gauss_newton_iters": 2.0}, "gauss_newton_iters"),
+    ({"gauss_newton_decay": 0.0}, "gauss_newton_decay"),
+    ({"gauss_newton_decay": 1.0}, "gauss_newton_decay"),
 ])
 def test_bad_constructor_arguments_raise(kw, name):
     with raises_naming(name):

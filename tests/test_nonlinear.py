@@ -623,6 +623,28 @@ def test_objective_no_worse_than_mpc_pytorch(name, second_order):
     assert not worse, {i: (float(ours[i]), float(theirs[i])) for i in worse}
 
 
+@pytest.mark.reference
+@pytest.mark.slow
+def test_long_horizon_pendulum_objective_no_worse_than_mpc_pytorch():
+    """T = 50 from the default guess: Newton steps from the second iteration (with
+    ``gauss_newton_iters=0``) left 2 of these 64 samples in a worse local minimum than
+    mpc.pytorch's Gauss-Newton iterations reach (6 of 64 with seed 1); the early Gauss-Newton
+    iterations keep every sample at or below it."""
+    T, B = 50, 64
+    x_init = starts("pendulum", B, seed=0)
+    sysm = make_system("pendulum")
+    cost = sysm.default_cost(learn_goal=False, learn_weights=False)
+    mpc = dm.MPC(sysm.n_state, 1, T, sysm.u_lower, sysm.u_upper, unconverged="keep")
+    sol = mpc(x_init, cost, sysm)
+    u_theirs = mpc_pytorch_solve("pendulum", x_init, T)
+    with torch.no_grad():
+        ours = shooting(sysm, cost, x_init, sol.u)
+        theirs = shooting(sysm, cost, x_init, u_theirs)
+    assert bool(sol.converged.all())
+    worse = (ours > theirs + 1e-6).nonzero().flatten().tolist()
+    assert not worse, {i: (float(ours[i]), float(theirs[i])) for i in worse}
+
+
 # ------------------------------------------------------------------ the benchmark scripts run
 
 
@@ -668,7 +690,9 @@ def test_implicit_vs_unroll_script_tiny(tmp_path):
 
 def _cartpole_swing_ups(B: int, seed: int, monkeypatch):
     """Solves of cartpole swing-ups over T = 50 (``starts``) with ``max_iter`` iterations, and the
-    batch sizes of the Riccati passes and the Newton flags of the ``_gains`` calls they made."""
+    batch sizes of the Riccati passes and the Newton flags of the ``_gains`` calls they made.
+    Without the early Gauss-Newton iterations (``gauss_newton_iters=0``): Newton steps may come
+    from iteration 2, whose fallbacks the tests below check."""
     import diffmpc.ilqr as ilqr_module
 
     passes, flags = [], []
@@ -691,7 +715,7 @@ def _cartpole_swing_ups(B: int, seed: int, monkeypatch):
         passes.clear()
         flags.clear()
         mpc = dm.MPC(system.n_state, 1, 50, system.u_lower, system.u_upper, max_iter=max_iter,
-                     unconverged="keep")
+                     unconverged="keep", gauss_newton_iters=0)
         with torch.no_grad():
             return mpc(x_init, system.default_cost().quad_cost(), system)
 
@@ -742,6 +766,49 @@ def test_newton_follows_full_steps_and_shortened_steps_that_met_their_prediction
     assert got.tolist() == [True, True, False, False, False, True]
 
 
+def test_early_iterations_take_gauss_newton_steps_on_their_own_ladder(monkeypatch):
+    """From the default guess, the first ``gauss_newton_iters`` iterations run no Newton pass
+    and try the step sizes ``gauss_newton_decay ** k``; after them Newton steps come (once a
+    step is trusted) on the ``line_search_decay`` ladder. A warm start (``u_init``) takes Newton
+    steps from its second iteration."""
+    import diffmpc.ilqr as ilqr_module
+
+    flags, ladders = [], []
+    gains, search = ilqr_module._gains, ilqr_module._search
+
+    def recording_gains(*args):
+        flags.append(bool(args[10].any()))  # any Newton step asked for
+        return gains(*args)
+
+    def recording_search(*args):
+        ladders.append((len(flags), args[9].tolist()))  # iteration, step sizes tried
+        return search(*args)
+
+    monkeypatch.setattr(ilqr_module, "_gains", recording_gains)
+    monkeypatch.setattr(ilqr_module, "_search", recording_search)
+    system = make_system("pendulum")
+    x_init = starts("pendulum", 8, seed=3)
+    mpc = dm.MPC(system.n_state, 1, 30, system.u_lower, system.u_upper, unconverged="keep",
+                 gauss_newton_iters=5, gauss_newton_decay=0.25, line_search_decay=0.5)
+    with torch.no_grad():
+        sol = mpc(x_init, system.default_cost().quad_cost(), system)
+    assert int(sol.iterations.min()) > 5 and flags[:5] == [False] * 5 and any(flags[5:])
+    for it, alphas in ladders:  # a run of consecutive powers of the phase's decay
+        decay = 0.25 if it <= 5 else 0.5
+        k0 = round(math.log(alphas[0]) / math.log(decay))
+        assert alphas == pytest.approx([decay ** (k0 + i) for i in range(len(alphas))],
+                                       rel=1e-15)
+    assert {it for it, a in ladders if len(a) > 1} >= {1, 5, 6}  # shortened steps tried
+    # warm-started from the first solve's iterate after one iteration: Newton in iteration 2
+    flags.clear()
+    u1 = dm.MPC(system.n_state, 1, 30, system.u_lower, system.u_upper, unconverged="keep",
+                max_iter=1)(x_init, system.default_cost().quad_cost(), system).u.detach()
+    flags.clear()
+    with torch.no_grad():
+        mpc(x_init, system.default_cost().quad_cost(), system, u_init=u1)
+    assert flags[0] is False and flags[1] is True
+
+
 def test_a_saddle_at_the_initial_iterate_is_left():
     """A pendulum hanging at rest with u = 0 is a stationary point of the swing-up (by symmetry no
     first-order step leaves it) but no minimum: the solver must not stop there. Reference:
@@ -772,12 +839,15 @@ def assert_same_iterates(a, b):
     torch.testing.assert_close(a.u, b.u, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("gauss_newton_iters", [0, 8])
 @pytest.mark.parametrize("name", SYSTEMS)
-def test_whole_ladder_at_once_equals_full_step_first(name, monkeypatch):
+def test_whole_ladder_at_once_equals_full_step_first(name, gauss_newton_iters, monkeypatch):
     """The line search's layouts in PyTorch operations (the full step, then the rest of the
     ladder for the samples it failed; or every step size in one rollout, as on small batches and
     on a GPU), and the compiled search of the built-in models (each sample tries the sizes in
-    turn), pick the same step for every sample: the same iterates, iteration for iteration."""
+    turn), pick the same step for every sample: the same iterates, iteration for iteration.
+    With and without the early Gauss-Newton iterations (their own ladder); without them, Newton
+    steps from iteration 2 take step sizes deep in the ladder."""
     import diffmpc.ilqr as ilqr_module
     from diffmpc import native
 
@@ -809,12 +879,13 @@ def test_whole_ladder_at_once_equals_full_step_first(name, monkeypatch):
         monkeypatch.setattr(ilqr_module, "_LADDER_ROWS", rows)
         monkeypatch.setattr(ilqr_module, "_STAGE_ROWS", stage)
         mpc = dm.MPC(system.n_state, 1, T, system.u_lower, system.u_upper, max_iter=15,
-                     unconverged="keep")
+                     unconverged="keep", gauss_newton_iters=gauss_newton_iters)
         taken.append([])
         with torch.no_grad(), native.enabled(compiled):
             out.append(mpc(x_init, system.default_cost().quad_cost(), system))
     assert any(e < 16 for e in ends)  # some line searches did take two rollouts
-    assert any(bool((steps > 1).any()) for steps in taken[0])  # and steps past the first few
+    if gauss_newton_iters == 0:  # and steps past the first few
+        assert any(bool((steps > 1).any()) for steps in taken[0])
     whole = out[-1]
     for i, (split, steps) in enumerate(zip(out[:-1], taken[:-1], strict=True)):
         assert len(steps) == len(taken[-1])
