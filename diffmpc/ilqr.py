@@ -39,6 +39,7 @@ from diffmpc.lqr import (
     homogeneous_cost,
     homogeneous_dynamics,
     multipliers,
+    raw_scalar_pass,
     reusable_cost,
     riccati,
     rollout_affine,
@@ -289,16 +290,26 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Ga
 
     Returns the gains and the flags of the samples that did take a Newton step.
     """
+    def gauss_newton():
+        # one control on the CPU: compiled on C, c and F themselves (no homogeneous copies)
+        g = raw_scalar_pass(C, c, F, lo, hi, reg)
+        return g if g is not None else riccati(C, c, F, None, lo, hi, None, reg)
+
     if (dyn.linear and H is C) or not bool(newton.any()):
-        return riccati(C, c, F, None, lo, hi, None, reg), torch.zeros_like(newton)
+        return gauss_newton(), torch.zeros_like(newton)
     n = x.shape[-1]
     lam = costate(c[..., :n], F[..., :n].transpose(0, 1))  # a view: the kernel reads it
     floor = C[..., n:, n:].diagonal(dim1=-2, dim2=-1).flatten(1).amin(-1)
     nw = newton[:, None, None, None]
-    blocks = None
-    if not create_graph and stores_batch_last(C, n, small=True):
+    blocks = full = None
+    soa = stores_batch_last(C, n, small=True)
+    if not create_graph and (soa or H is C):
         blocks = dyn.curvature_blocks(x, u, lam)
-    if blocks is not None:
+    if blocks is not None and H is C:
+        # the compiled one-control pass adds the blocks to C itself, for the Newton samples
+        full = raw_scalar_pass(C, c, F, lo, hi, reg, floor, blocks,
+                               None if bool(newton.all()) else newton)
+    if full is None and blocks is not None and soa:
         # the pass's batch-last storage of the costs, with the curvature blocks added in place
         # (cartpole B = 256, T = 50: 2.5 ms instead of 6.1 for the Lagrangian's [B, T, p, p]
         # Hessians, the choice per sample, and their batch-last copy)
@@ -307,12 +318,12 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Ga
         a = 1 + first
         Ch[:-1, a:, a:].add_(Hb if bool(newton.all()) else torch.where(newton, Hb, 0.0))
         full = riccati(C, c, F, None, lo, hi, None, reg, floor, Ch=Ch, batch_last=True)
-    else:
+    elif full is None:
         Hn = torch.where(nw, dyn.lagrangian_hessian(H, x, u, lam, create_graph), C)
         full = riccati(Hn, c, F, None, lo, hi, None, reg, floor)
     if bool(full.ok.all()):
         return full, newton
-    gn = riccati(C, c, F, None, lo, hi, None, reg)
+    gn = gauss_newton()
     ok = full.ok
     pick = lambda a, b: torch.where(ok.view(-1, *([1] * (a.dim() - 1))), a, b)  # noqa: E731
     gains = Gains(pick(full.K, gn.K), pick(full.k, gn.k), pick(full.free, gn.free),

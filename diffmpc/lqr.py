@@ -22,8 +22,8 @@ from diffmpc import native
 from diffmpc.boxqp import box_qp, free_masks, masked_cholesky
 from diffmpc.parallel import affine_suffix, gains_from_values, prefix_products, value_scan
 
-__all__ = ["Gains", "compiled_pass", "riccati", "held_pass", "multipliers", "feedforward",
-           "rollout_affine", "costate", "time_major"]
+__all__ = ["Gains", "compiled_pass", "riccati", "raw_scalar_pass", "held_pass", "multipliers",
+           "feedforward", "rollout_affine", "costate", "time_major"]
 
 _CH_MAX_BYTES = 2**24  # riccati materializes Ch up to this size (16 MB)
 _SOA_MIN_BATCH = 16  # one-control passes on a CPU store their steps batch-last from this batch
@@ -482,6 +482,29 @@ def _native_scalar_riccati(Ch, Fh, n, lower, upper, free, reg, uu_floor, expecte
         None if lower is not None else first(free), reg, uu_floor)
     Kh, f, qu, h, h_r = (z.transpose(0, 1) for z in (Kh, f, qu, h, h_r))  # batch-first views
     return _scalar_gains(Kh, f, qu, h, h_r, lower is not None, expected, soa, Fh)
+
+
+def raw_scalar_pass(C: Tensor, c: Tensor, F: Tensor, lower: Tensor | None,
+                    upper: Tensor | None, reg: Tensor | None = None,
+                    uu_floor: Tensor | None = None, blocks: tuple[Tensor, int] | None = None,
+                    newton: Tensor | None = None) -> Gains | None:
+    """``riccati(C, c, F, None, lower, upper, None, reg, uu_floor)`` for one control, compiled on
+    the raw operands (``native.scalar_riccati_raw``: no homogeneous copies of C, c and F, which
+    an iLQR iteration would otherwise make for every pass), or None where the kernels cannot
+    take them. ``blocks``: curvature blocks ``(Hb [T-1, 4, 4, B], first)``
+    (``TrajDynamics.curvature_blocks``) added to C for the samples flagged in ``newton [B]``
+    (all if None). The gains carry no Fh."""
+    B, T, p = c.shape
+    n = F.shape[-2]
+    Hb, first = blocks if blocks is not None else (None, 0)
+    if p - n != 1 or not native.handles(C, c, F, lower, upper, reg, uu_floor, Hb, newton):
+        return None
+    reg = None if reg is None or not bool(reg.any()) else reg  # as riccati's short form
+    last = (lambda z: None if z is None else z[..., 0])  # noqa: E731
+    out = native.scalar_riccati_raw(C, c, F if T > 1 else None, last(lower), last(upper), reg,
+                                    uu_floor, Hb, first, newton)
+    Kh, f, qu, h, h_r = (z.transpose(0, 1) for z in out)  # batch-first views
+    return _scalar_gains(Kh, f, qu, h, h_r, lower is not None, True, False, None)
 
 
 def feedforward(gains: Gains, c: Tensor) -> Gains:

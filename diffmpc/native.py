@@ -46,7 +46,8 @@ from torch import Tensor
 
 __all__ = ["available", "threaded", "status", "enabled", "riccati", "multipliers", "rollout",
            "costate", "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
-           "homogeneous", "homogeneous_cost", "scalar_riccati", "model_rollout",
+           "homogeneous", "homogeneous_cost", "scalar_riccati", "scalar_riccati_raw",
+           "model_rollout",
            "model_search", "model_expansion"]
 
 _SOURCES = ("lq.c", "lq_body.h")
@@ -158,6 +159,8 @@ def _build() -> ctypes.CDLL:
                   "homogeneous": [ctypes.c_int] + [i64] * 4 + [ptr] * 6
                   + [ctypes.c_double, ptr, ptr],
                   "scalar_riccati": [ctypes.c_int] + [i64] * 3 + [ptr] * 19,
+                  "scalar_riccati_raw": [ctypes.c_int] + [i64] * 3 + [ptr] * 7 + [i64]
+                  + [ptr] * 15,
                   "model_rollout": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 6,
                   "model_search": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 13,
                   "model_expansion": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 3 + [ptr] * 8}
@@ -488,6 +491,43 @@ def scalar_riccati(Ch: Tensor, Fh: Tensor | None, n: int, lower: Tensor | None,
         h.data_ptr(), hr.data_ptr())
     if rc != 0:
         raise MemoryError("diffmpc.native.scalar_riccati: out of memory")
+    return Kh, f, qu, h, hr
+
+
+def scalar_riccati_raw(C: Tensor, c: Tensor, F: Tensor | None, lower: Tensor | None,
+                       upper: Tensor | None, reg: Tensor | None, floor: Tensor | None,
+                       Hb: Tensor | None = None, first: int = 0, newton: Tensor | None = None
+                       ) -> tuple[Tensor, ...]:
+    """``scalar_riccati`` on the raw operands of an iLQR step instead of homogeneous copies:
+    the pass over ``[[0, c'], [c, C]]`` and ``[[1, 0], [0, F]]``, with the curvature blocks
+    ``Hb [T-1, 4, 4, B]`` (``TrajDynamics.curvature_blocks``) added at coordinate ``first`` of
+    ``[x, u]`` for the samples flagged in ``newton [B]`` (all if None).
+
+    Args:
+        C: ``[B, T, p, p]`` view (broadcast strides allowed). c: ``[B, T, p]`` view. F: ``[B,
+            T-1, n, p]`` view, or None if T = 1. lower, upper: ``[B, T]`` views (box mode), or
+            None. reg, floor: ``[B]``, or None.
+
+    Returns:
+        as ``scalar_riccati``.
+    """
+    B, T, p = c.shape
+    n = p - 1
+    if Hb is not None and (Hb.shape != (T - 1, 4, 4, B) or not Hb.is_contiguous()
+                           or not 0 <= first <= p - 4):
+        raise ValueError(f"Hb: expected a contiguous [{T - 1}, 4, 4, {B}] block at a coordinate "
+                         f"in 0..{p - 4}, got {tuple(Hb.shape)} at {first}")
+    nw = None if newton is None or Hb is None else newton.to(torch.bool)
+    Kh = c.new_empty(T, B, n + 1)
+    f = torch.empty(T, B, dtype=torch.bool)
+    qu, h, hr = (c.new_empty(T, B) for _ in range(3))
+    rc = _kernel("scalar_riccati_raw", c.dtype)(
+        _threads(B, _GRAIN_PASS), B, T, n, *_view(C), *_view(c), *_view(F),
+        None if Hb is None else Hb.data_ptr(), int(first), *_view(nw), *_view(lower),
+        *_view(upper), *_view(reg), *_view(floor), Kh.data_ptr(), f.data_ptr(), qu.data_ptr(),
+        h.data_ptr(), hr.data_ptr())
+    if rc != 0:
+        raise MemoryError("diffmpc.native.scalar_riccati_raw: out of memory")
     return Kh, f, qu, h, hr
 
 

@@ -511,6 +511,70 @@ def test_one_control_pass_equals_pytorch(one_control_case, monkeypatch, mode, st
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("operands", ["dense", "shared C", "blocks", "blocks for some"])
+@pytest.mark.parametrize("mode", ["plain", "box", "box+reg", "reg+floor", "box+floor"])
+def test_one_control_pass_on_raw_operands_equals_pytorch(one_control_case, mode, operands,
+                                                         dtype):
+    """``lqr.raw_scalar_pass`` (the compiled pass reading C, c and F themselves, as iLQR
+    iterations call it) against ``lqr.riccati`` in PyTorch operations on the homogeneous costs
+    and dynamics, on 9 samples (a partial vector group) with an indefinite control block: a C
+    shared by every sample (broadcast strides), curvature blocks added at a coordinate that is
+    not the first for every sample or for some (``newton``), float32."""
+    prob, C, kw = one_control_case(mode, B=9, seed=5, bad=3)
+    B, T, p = prob.c.shape
+    cast = (lambda z: None if z is None else z.to(dtype))  # noqa: E731
+    c, F = cast(prob.c), cast(prob.F)
+    C = cast(C[0, 0].expand(B, T, p, p) if operands == "shared C" else C)
+    kw = {k: cast(v) for k, v in kw.items()}
+    blocks = newton = None
+    C_ref = C
+    if operands.startswith("blocks"):
+        g = torch.Generator().manual_seed(11)
+        Hb = torch.randn(T - 1, 4, 4, B, generator=g, dtype=torch.float64).to(dtype)
+        Hb = 0.5 * (Hb + Hb.transpose(1, 2))
+        newton = (torch.arange(B) % 3 != 1) if operands == "blocks for some" else None
+        blocks = (Hb, 1)
+        add = torch.zeros(B, T, p, p, dtype=dtype)
+        add[:, :-1, 1:5, 1:5] = Hb.permute(3, 0, 1, 2)
+        if newton is not None:
+            add[~newton] = 0
+        C_ref = C + add
+    with torch.inference_mode():
+        fast, calls = _spy("scalar_riccati_raw", lambda: lqr.raw_scalar_pass(
+            C, c, F, kw.get("lower"), kw.get("upper"), kw.get("reg"), kw.get("uu_floor"),
+            blocks, newton))
+        assert calls == 1
+        with native.enabled(False):
+            ref = lqr.riccati(C_ref, c, F, None, **kw)
+    assert fast.Fh is None
+    close = {} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-5}
+    assert torch.equal(fast.ok, ref.ok) and torch.equal(fast.free, ref.free)
+    if operands == "dense" and "floor" not in mode:
+        assert not bool(fast.ok.all())  # the indefinite block is seen
+    ok = fast.ok
+    for name in ("K", "k", "L", "dV"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a[ok], b[ok], msg=name,
+                                   **(close or {"rtol": 1e-10, "atol": 1e-12}))
+
+
+def test_one_control_pass_on_raw_operands_refuses_what_it_cannot_take(one_control_case):
+    """None (the caller takes the homogeneous pass) for several controls and for operands that
+    record a graph; a misshapen block raises."""
+    prob, C, _ = one_control_case("plain", B=3, seed=1, bad=0)
+    several = torch.randn(3, 7, 6, 6, dtype=torch.float64)
+    assert lqr.raw_scalar_pass(several, torch.zeros(3, 7, 6), torch.zeros(3, 6, 4, 6),
+                               None, None) is None
+    assert lqr.raw_scalar_pass(C.requires_grad_(True), prob.c, prob.F, None, None) is None
+    if native.available():
+        with torch.no_grad(), pytest.raises(ValueError, match="Hb"):
+            lqr.raw_scalar_pass(C, prob.c, prob.F, None, None,
+                                blocks=(torch.zeros(6, 4, 4, 2, dtype=torch.float64), 0))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("seed", range(12))
 def test_public_solve_and_gradients_equal_pytorch_on_random_shapes(make_problem, seed, dtype):
     """Through dm.MPC on random sizes (B 1-9, T 1-6, n 1-5, m 1-4, with and without bounds):
@@ -571,6 +635,9 @@ def _every_kernel(prob, n: int):
     Fh1 = native.homogeneous(F[..., :n + 1], f).transpose(0, 1)
     lo = torch.full((B, T), -0.3, dtype=C.dtype)
     out += native.scalar_riccati(Ch, Fh1, n, lo, -lo, None, None, None)
+    Hb = torch.randn(T - 1, 4, 4, B, generator=g, dtype=C.dtype)
+    out += native.scalar_riccati_raw(C[..., :n + 1, :n + 1], c[..., :n + 1], F[..., :n + 1], lo,
+                                     -lo, None, None, Hb, 0, free[:, 0, 0])
     return out
 
 

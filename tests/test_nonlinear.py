@@ -697,16 +697,24 @@ def _cartpole_swing_ups(B: int, seed: int, monkeypatch):
 
     passes, flags = [], []
     riccati, gains = ilqr_module.riccati, ilqr_module._gains
+    raw = ilqr_module.raw_scalar_pass
 
     def recording_riccati(C, *args, **kwargs):
         passes.append(C.shape[0])
         return riccati(C, *args, **kwargs)
+
+    def recording_raw(C, c, *args, **kwargs):  # the compiled one-control pass (or None)
+        out = raw(C, c, *args, **kwargs)
+        if out is not None:
+            passes.append(c.shape[0])
+        return out
 
     def recording_gains(*args):
         flags.append(args[10].clone())  # newton
         return gains(*args)
 
     monkeypatch.setattr(ilqr_module, "riccati", recording_riccati)
+    monkeypatch.setattr(ilqr_module, "raw_scalar_pass", recording_raw)
     monkeypatch.setattr(ilqr_module, "_gains", recording_gains)
     system = make_system("cartpole")
     x_init = starts("cartpole", B, seed=seed)

@@ -856,12 +856,75 @@ static inline __attribute__((always_inline)) void NAME(load_blocks)(VEC *dst, co
         }
 }
 
+#ifndef DM_RAW_DEFINED
+#define DM_RAW_DEFINED
+/* the raw operands of diffmpc_scalar_riccati_raw beside C and F (REAL-typed pointers as void) */
+struct dm_raw {
+    const void *c;
+    const int64_t *sc;
+    const void *Hb;
+    int64_t first;
+    const uint8_t *nw;
+    const int64_t *snw;
+};
+#endif
+
+/* The homogeneous blocks [[0, c'], [c, C (+ Hb)]] and [[1, 0], [0, F]] of step t for the lanes'
+ * samples b0 .. b0 + lanes - 1 (the last repeated), composed from the raw operands (Cl, Fl: the
+ * lanes' pointers to their C_t and F_t blocks). */
+static inline __attribute__((always_inline)) void NAME(load_raw)(
+    VEC *Cv, VEC *Fv, const struct dm_raw *raw, int64_t b0, int lanes, int64_t t, int last,
+    int64_t n, int64_t B, const REAL *const *Cl, const int64_t *sC, const REAL *const *Fl,
+    const int64_t *sF)
+{
+    const int64_t p = n + 1, ph = n + 2, nh = n + 1;
+    const REAL *c = (const REAL *)raw->c;
+    const REAL *cl[LANES];
+    int64_t bs[LANES];
+    for (int s = 0; s < LANES; ++s) {
+        bs[s] = b0 + (s < lanes ? s : lanes - 1);
+        cl[s] = c + bs[s] * raw->sc[0] + t * raw->sc[1];
+    }
+    Cv[0] = (VEC){0};
+    for (int64_t j = 0; j < p; ++j) {
+        const VEC v = GATHER(cl, j * raw->sc[2]);
+        Cv[1 + j] = v;
+        Cv[(1 + j) * ph] = v;
+    }
+    for (int64_t i = 0; i < p; ++i)
+        for (int64_t j = 0; j < p; ++j)
+            Cv[(1 + i) * ph + 1 + j] = GATHER(Cl, i * sC[2] + j * sC[3]);
+    if (raw->Hb != NULL && !last) {  /* + the curvature block (zero where a sample has none) */
+        const REAL *H = (const REAL *)raw->Hb;
+        const int64_t a = 1 + raw->first;
+        int on[LANES];
+        for (int s = 0; s < LANES; ++s)
+            on[s] = raw->nw == NULL || raw->nw[bs[s] * raw->snw[0]] != 0;
+        for (int64_t k = 0; k < 16; ++k) {
+            const int64_t o = (t * 16 + k) * B;
+            VEC v;
+            for (int s = 0; s < LANES; ++s)
+                v[s] = on[s] ? H[o + bs[s]] : (REAL)0;
+            Cv[(a + k / 4) * ph + a + k % 4] += v;
+        }
+    }
+    if (!last) {
+        for (int64_t i = 0; i < nh * ph; ++i)
+            Fv[i] = (VEC){0};
+        for (int s = 0; s < LANES; ++s)
+            Fv[0][s] = 1;
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < p; ++j)
+                Fv[(1 + i) * ph + 1 + j] = GATHER(Fl, i * sF[2] + j * sF[3]);
+    }
+}
+
 static inline __attribute__((always_inline)) int NAME(scalar_riccati_body)(
     int64_t lo, int64_t hi, int64_t B, int64_t T, int64_t n, const REAL *Ch, const int64_t *sC,
     const REAL *Fh, const int64_t *sF, const REAL *lw, const int64_t *sl, const REAL *up,
     const int64_t *sh, const uint8_t *fr, const int64_t *sfr, const REAL *reg, const int64_t *sr,
     const REAL *floor_, const int64_t *sf, REAL *Kh, uint8_t *free_out, REAL *qu, REAL *h_out,
-    REAL *hr_out)
+    REAL *hr_out, const struct dm_raw *raw)
 {
     const int64_t nh = n + 1, ph = n + 2, c = n + 1;  /* c: the control's homogeneous index */
     const int64_t groups = (hi - lo + LANES - 1) / LANES;  /* this range's */
@@ -883,12 +946,17 @@ static inline __attribute__((always_inline)) int NAME(scalar_riccati_body)(
                 Cl[s] = Ch + b * sC[0] + t * sC[1];
                 Fl[s] = last ? NULL : Fh + b * sF[0] + t * sF[1];
             }
-            /* batch-last storage and a full group: each vector is LANES adjacent numbers */
-            NAME(load_blocks)(Cv, Cl, ph, ph, sC, lanes == LANES && sC[0] == 1);
+            if (raw == NULL) {
+                /* batch-last storage and a full group: each vector is LANES adjacent numbers */
+                NAME(load_blocks)(Cv, Cl, ph, ph, sC, lanes == LANES && sC[0] == 1);
+                if (!last)
+                    NAME(load_blocks)(Fv, Fl, nh, ph, sF, lanes == LANES && sF[0] == 1);
+            } else {
+                NAME(load_raw)(Cv, Fv, raw, b0, lanes, t, last, n, B, Cl, sC, Fl, sF);
+            }
             for (int64_t i = 0; i < ph * ph; ++i)
                 Q[i] = Cv[i];
             if (!last) {
-                NAME(load_blocks)(Fv, Fl, nh, ph, sF, lanes == LANES && sF[0] == 1);
                 /* W = Vh Fh, then Q += Fh' W (Vh as the PyTorch pass forms it) */
                 for (int64_t i = 0; i < nh; ++i)
                     for (int64_t j = 0; j < ph; ++j) {
@@ -969,11 +1037,12 @@ static int NAME(scalar_riccati_range)(int64_t lo, int64_t hi, int64_t B, int64_t
                                       const REAL *up, const int64_t *sh, const uint8_t *fr,
                                       const int64_t *sfr, const REAL *reg, const int64_t *sr,
                                       const REAL *floor_, const int64_t *sf, REAL *Kh,
-                                      uint8_t *free_out, REAL *qu, REAL *h_out, REAL *hr_out)
+                                      uint8_t *free_out, REAL *qu, REAL *h_out, REAL *hr_out,
+                                      const struct dm_raw *raw)
 {
 #define DM_SCALAR_PASS(N)                                                                       \
     NAME(scalar_riccati_body)(lo, hi, B, T, N, Ch, sC, Fh, sF, lw, sl, up, sh, fr, sfr, reg, sr, \
-                              floor_, sf, Kh, free_out, qu, h_out, hr_out)
+                              floor_, sf, Kh, free_out, qu, h_out, hr_out, raw)
     switch (n) {
     case 3:
         return DM_SCALAR_PASS(3);
@@ -996,7 +1065,31 @@ int NAME(diffmpc_scalar_riccati)(int threads, int64_t B, int64_t T, int64_t n, c
     int rc = 0;
     RANGES(threads, B, LANES, rc, NAME(scalar_riccati_range)(lo, hi, B, T, n, Ch, sC, Fh, sF, lw,
                                                              sl, up, sh, fr, sfr, reg, sr, floor_,
-                                                             sf, Kh, free_out, qu, h_out, hr_out));
+                                                             sf, Kh, free_out, qu, h_out, hr_out,
+                                                             NULL));
+    return rc;
+}
+
+/* The same pass on the raw operands of an iLQR step, with no homogeneous copies: C (p x p
+ * blocks, sC = {batch, time, row, column}, broadcast strides allowed), c (sc = {batch, time,
+ * entry}), F (n x p blocks, sF as sC; no offsets), and optionally the curvature blocks Hb
+ * [T-1, 4, 4, B] added at coordinate `first` of [x, u] in the steps t < T-1 of the samples
+ * whose byte in nw (stride snw) is nonzero (all, if nw is NULL). */
+int NAME(diffmpc_scalar_riccati_raw)(int threads, int64_t B, int64_t T, int64_t n, const REAL *C,
+                                     const int64_t *sC, const REAL *c, const int64_t *sc,
+                                     const REAL *F, const int64_t *sF, const REAL *Hb,
+                                     int64_t first, const uint8_t *nw, const int64_t *snw,
+                                     const REAL *lw, const int64_t *sl, const REAL *up,
+                                     const int64_t *sh, const REAL *reg, const int64_t *sr,
+                                     const REAL *floor_, const int64_t *sf, REAL *Kh,
+                                     uint8_t *free_out, REAL *qu, REAL *h_out, REAL *hr_out)
+{
+    const struct dm_raw raw = {c, sc, Hb, first, nw, snw};
+    int rc = 0;
+    RANGES(threads, B, LANES, rc, NAME(scalar_riccati_range)(lo, hi, B, T, n, C, sC, F, sF, lw,
+                                                             sl, up, sh, NULL, NULL, reg, sr,
+                                                             floor_, sf, Kh, free_out, qu, h_out,
+                                                             hr_out, &raw));
     return rc;
 }
 
