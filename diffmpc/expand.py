@@ -359,6 +359,21 @@ class TrajDynamics:
         k = Hb.shape[0]
         return Hb.view(k, k, -1, B).permute(2, 0, 1, 3), first
 
+    def newton_expansion(self, x: Tensor, u: Tensor, gx: Tensor
+                         ) -> tuple[Tensor, Tensor, tuple[Tensor, int]] | None:
+        """``jacobian``, ``lqr.costate`` and ``curvature_blocks`` along x ``[B, T, n]``, u ``[B,
+        T, m]`` with the cost gradient ``gx [B, T, n]``, in one compiled pass where the model
+        has one (``native_model``: the built-in Euler steps): F ``[B, T-1, n, p]``, lam ``[B,
+        T, n]``, ``(Hb, first)``; else None."""
+        if (self.linear or x.dim() != 3 or x.shape[-2] < 2
+                or getattr(self.raw, "curvature_block", None) is None):
+            return None
+        model = self.native_model(x, u, gx)
+        if model is None:
+            return None
+        J, lam, Hb, first = native.model_newton(*model, x, u, gx)
+        return J, lam, (Hb, first)
+
     def lagrangian_hessian(self, H: Tensor, x: Tensor, u: Tensor, lam: Tensor,
                            create_graph: bool = False) -> Tensor:
         """The cost Hessians ``H [B, T, p, p]`` plus the dynamics' curvature weighted by the

@@ -279,7 +279,8 @@ def _take_gains(g: Gains, idx: Tensor) -> Gains:
     return Gains(g.K[idx], g.k[idx], g.free[idx], g.dV[idx], g.ok[idx])
 
 
-def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Gains, Tensor]:
+def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph, pre=None
+           ) -> tuple[Gains, Tensor]:
     """Riccati pass: Newton for the samples flagged in ``newton``, Gauss-Newton for the others and
     where the Newton pass fails.
 
@@ -287,6 +288,8 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Ga
     curvature (costate times the Hessian of f), with each control block's eigenvalues floored at
     the smallest control-cost curvature. Gauss-Newton uses ``C``, the cost's Hessian with its
     eigenvalues raised to ``psd_floor`` (the same as H for a convex cost).
+
+    ``pre``: the costate and curvature blocks (``TrajDynamics.newton_expansion``), or None.
 
     Returns the gains and the flags of the samples that did take a Newton step.
     """
@@ -298,12 +301,16 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph) -> tuple[Ga
     if (dyn.linear and H is C) or not bool(newton.any()):
         return gauss_newton(), torch.zeros_like(newton)
     n = x.shape[-1]
-    lam = costate(c[..., :n], F[..., :n].transpose(0, 1))  # a view: the kernel reads it
+    if pre is not None:
+        lam, blocks = pre
+    else:
+        lam = costate(c[..., :n], F[..., :n].transpose(0, 1))  # a view: the kernel reads it
+        blocks = None
     floor = C[..., n:, n:].diagonal(dim1=-2, dim2=-1).flatten(1).amin(-1)
     nw = newton[:, None, None, None]
-    blocks = full = None
+    full = None
     soa = stores_batch_last(C, n, small=True)
-    if not create_graph and (soa or H is C):
+    if blocks is None and not create_graph and (soa or H is C):
         blocks = dyn.curvature_blocks(x, u, lam)
     if blocks is not None and H is C:
         # the compiled one-control pass adds the blocks to C itself, for the Newton samples
@@ -365,11 +372,18 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     x, u, J, reg = s.x, s.u, s.J, s.reg
     H, c = cost.quadratize(x, u, create_graph=create_graph)
     C = H if cost.quadratic else clip_eigenvalues(H, opts.psd_floor)
-    F = dyn.jacobian(x[:, :-1], u[:, :-1], create_graph=create_graph)
+    newton = torch.zeros_like(s.newton) if early else s.newton
+    # a Newton pass needs the Jacobians, the costate and the curvature: one compiled pass where
+    # the model has one
+    pre = None
+    if not create_graph and bool(newton.any()):
+        pre = dyn.newton_expansion(x, u, c[..., :x.shape[-1]])
+    F = pre[0] if pre is not None else dyn.jacobian(x[:, :-1], u[:, :-1],
+                                                    create_graph=create_graph)
     lo = None if lower is None else lower - u
     hi = None if upper is None else upper - u
-    newton = torch.zeros_like(s.newton) if early else s.newton
-    gains, used_newton = _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph)
+    gains, used_newton = _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph,
+                                None if pre is None else pre[1:])
     scale = 1.0 + u.detach().abs().flatten(1).amax(-1)
     newton_step = gains.k.detach().abs().flatten(1).amax(-1)
     expected = -(gains.dV[:, 0] + gains.dV[:, 1]).detach()

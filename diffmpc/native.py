@@ -48,7 +48,7 @@ __all__ = ["available", "threaded", "status", "enabled", "riccati", "multipliers
            "costate", "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
            "homogeneous", "homogeneous_cost", "scalar_riccati", "scalar_riccati_raw",
            "model_rollout",
-           "model_search", "model_expansion"]
+           "model_search", "model_expansion", "model_newton"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _OFF = ("0", "false", "no", "off")
@@ -163,7 +163,8 @@ def _build() -> ctypes.CDLL:
                   + [ptr] * 15,
                   "model_rollout": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 6,
                   "model_search": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 5 + [ptr] * 13,
-                  "model_expansion": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 3 + [ptr] * 8}
+                  "model_expansion": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 3 + [ptr] * 8,
+                  "model_newton": [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 3 + [ptr] * 9}
     for suffix in ("f64", "f32"):
         for name, args in signatures.items():
             fn = getattr(lib, f"diffmpc_{name}_{suffix}")
@@ -632,3 +633,24 @@ def model_expansion(model: int, consts: Tensor, x: Tensor, u: Tensor, lam: Tenso
     if rc != 0:
         raise _model_error(model, n, u.shape[-1])
     return J, H, 0 if model == 1 else 2
+
+
+def model_newton(model: int, consts: Tensor, x: Tensor, u: Tensor, gx: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """What a Newton iteration needs of a built-in model (``model_expansion``'s ``model`` and
+    ``consts``) along x ``[B, T, n]``, u ``[B, T, 1]`` with the cost gradient ``gx [B, T, n]``
+    (views), in one pass: the Jacobian ``[B, T-1, n, n+1]``, the costate ``[B, T, n]``
+    (``lqr.costate(gx, Fx)``) and the curvature blocks ``[T-1, 4, 4, B]`` weighted by it
+    (``TrajDynamics.curvature_blocks``), and the blocks' first coordinate; the same numbers as
+    those three calls."""
+    B, T, n = x.shape
+    J = x.new_empty(B, T - 1, n, n + 1)
+    lam = x.new_empty(B, T, n)
+    H = x.new_empty(T - 1, 4, 4, B)
+    p = consts.detach().to(torch.float64).contiguous()
+    rc = _kernel("model_newton", x.dtype)(
+        _threads(B, _GRAIN), model, p.data_ptr(), B, T, n, *_view(x), *_view(u), *_view(gx),
+        J.data_ptr(), lam.data_ptr(), H.data_ptr())
+    if rc != 0:
+        raise _model_error(model, n, u.shape[-1])
+    return J, lam, H, 0 if model == 1 else 2

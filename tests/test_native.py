@@ -1026,6 +1026,39 @@ def test_built_in_model_derivatives_equal_autograd(name, dtype):
     torch.testing.assert_close(H, H_ref.to(dtype), **tol)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T", [2, 7])
+@pytest.mark.parametrize("name", ["Pendulum", "Cartpole"])
+def test_newton_expansion_is_its_three_parts_in_one_pass(name, T, dtype):
+    """``TrajDynamics.newton_expansion`` (``native.model_newton``: the Jacobians, the costate and
+    the curvature blocks in one backward pass per sample) gives, to the bit, what ``jacobian``,
+    ``lqr.costate`` and ``curvature_blocks`` give one after the other; strided operands, 9
+    samples. An RK4 model (no compiled step) gets None."""
+    from diffmpc import systems
+    from diffmpc.expand import TrajDynamics
+
+    g = torch.Generator().manual_seed(9)
+    model = getattr(systems, name)(dtype=dtype)
+    n, B = model.n_state, 9
+    x = torch.randn(B, n, T, generator=g, dtype=torch.float64).transpose(1, 2).to(dtype)
+    u = 3 * torch.randn(B, T, 1, generator=g, dtype=torch.float64).to(dtype)
+    gx = torch.randn(T, B, n, generator=g, dtype=torch.float64).transpose(0, 1).to(dtype)
+    dyn = TrajDynamics(model, B, T, n, 1)
+    with torch.no_grad():
+        (F, lam, (Hb, first)), calls = _spy("model_newton",
+                                            lambda: dyn.newton_expansion(x, u, gx))
+        assert calls == 1
+        F_ref = dyn.jacobian(x[:, :-1], u[:, :-1])
+        lam_ref = lqr.costate(gx, F_ref[..., :n].transpose(0, 1))
+        Hb_ref, first_ref = dyn.curvature_blocks(x, u, lam_ref)
+    assert torch.equal(F, F_ref) and torch.equal(lam, lam_ref)
+    assert torch.equal(Hb, Hb_ref) and first == first_ref
+    rk4 = TrajDynamics(getattr(systems, name)(dtype=dtype, method="rk4"), B, T, n, 1)
+    with torch.no_grad():
+        assert rk4.newton_expansion(x, u, gx) is None
+
+
 def test_stage_cost_bounds_of_the_line_search():
     """``TrajCost.rest_minima``: the least the stages after each step can cost, from numpy's
     solves of each stage's minimum (``-c' C^-1 c / 2``), per sample and step; -inf where a C is

@@ -921,16 +921,24 @@ def test_newton_curvature_blocks_in_batch_last_costs_equal_full_hessians(name, k
     system = make_system(name)
     B, T = 24, 30
     x_init = starts(name, B, seed=3)
-    blocks = TrajDynamics.curvature_blocks
+    blocks, expansion = TrajDynamics.curvature_blocks, TrajDynamics.newton_expansion
     used = []
 
     def record(self, x, u, lam):
         used.append(blocks(self, x, u, lam))
         return used[-1]
 
+    def record_expansion(self, x, u, gx):  # the blocks computed with the costate
+        out = expansion(self, x, u, gx)
+        if out is not None:
+            used.append(out[2])
+        return out
+
     out = []
-    for fn in (record, lambda self, x, u, lam: None):  # None: the [B, T, p, p] path
+    # None: the [B, T, p, p] path
+    for fn, fn2 in ((record, record_expansion), (lambda *a: None, lambda *a: None)):
         monkeypatch.setattr(TrajDynamics, "curvature_blocks", fn)
+        monkeypatch.setattr(TrajDynamics, "newton_expansion", fn2)
         mpc = dm.MPC(system.n_state, 1, T, system.u_lower, system.u_upper, max_iter=20,
                      unconverged="keep")
         cost = system.default_cost()

@@ -1432,6 +1432,62 @@ static int NAME(model_expansion_range)(int64_t lo, int64_t hi, int model, const 
     return 0;
 }
 
+/* model_expansion and the costate in one backward pass per sample, as a Newton iteration needs
+ * them: J_t, the costate lam_{T-1} = gx_{T-1}, lam_t = gx_t + Fx_t' lam_{t+1} (Fx_t: the state
+ * columns of J_t, as stored; the arithmetic of costate_range), and the curvature block of step t
+ * weighted by lam_{t+1}. x [B, T, n], u [B, T, 1], gx [B, T, n] views (sx, su, sg: {batch,
+ * time, entry}); outputs contiguous: J [B, T-1, n, n+1], lam [B, T, n], Hb [T-1, 4, 4, B]. */
+static int NAME(model_newton_range)(int64_t lo, int64_t hi, int model, const double *p,
+                                    int64_t B, int64_t T, int64_t n, const REAL *x,
+                                    const int64_t *sx, const REAL *u, const int64_t *su,
+                                    const REAL *gx, const int64_t *sg, REAL *J, REAL *lam,
+                                    REAL *Hb)
+{
+    const int64_t pz = n + 1, T1 = T - 1;
+    for (int64_t b = lo; b < hi; ++b) {
+        REAL *lb = lam + b * T * n;
+        for (int64_t i = 0; i < n; ++i)
+            lb[(T - 1) * n + i] = gx[b * sg[0] + (T - 1) * sg[1] + i * sg[2]];
+        for (int64_t t = T - 2; t >= 0; --t) {
+            double xz[5], lv[5], Jd[30], Hd[16];
+            REAL *lt = lb + t * n;
+            const REAL *next = lt + n;
+            for (int64_t i = 0; i < n; ++i) {
+                xz[i] = x[b * sx[0] + t * sx[1] + i * sx[2]];
+                lv[i] = next[i];
+            }
+            dm_model_derivatives(model, p, xz, u[b * su[0] + t * su[1]], lv, Jd, Hd);
+            REAL *Jt = J + (b * T1 + t) * n * pz;
+            for (int64_t i = 0; i < n * pz; ++i)
+                Jt[i] = (REAL)Jd[i];
+            for (int64_t i = 0; i < 16; ++i)
+                Hb[(t * 16 + i) * B + b] = (REAL)Hd[i];
+            for (int64_t i = 0; i < n; ++i)
+                lt[i] = gx[b * sg[0] + t * sg[1] + i * sg[2]];
+            for (int64_t j = 0; j < n; ++j) {
+                const REAL *row = Jt + j * pz;
+                const REAL lj = next[j];
+                for (int64_t i = 0; i < n; ++i)
+                    lt[i] += row[i] * lj;
+            }
+        }
+    }
+    return 0;
+}
+
+int NAME(diffmpc_model_newton)(int threads, int model, const double *consts, int64_t B,
+                               int64_t T, int64_t n, const REAL *x, const int64_t *sx,
+                               const REAL *u, const int64_t *su, const REAL *gx,
+                               const int64_t *sg, REAL *J, REAL *lam, REAL *Hb)
+{
+    if (!((model == 1 && n == 3) || (model == 2 && n == 5)))
+        return 1;
+    int rc = 0;
+    RANGES(threads, B, 1, rc, NAME(model_newton_range)(lo, hi, model, consts, B, T, n, x, sx, u,
+                                                       su, gx, sg, J, lam, Hb));
+    return rc;
+}
+
 int NAME(diffmpc_model_expansion)(int threads, int model, const double *consts, int64_t B,
                                   int64_t T1, int64_t n, const REAL *x, const int64_t *sx,
                                   const REAL *u, const int64_t *su, const REAL *lam,
