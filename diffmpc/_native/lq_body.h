@@ -957,18 +957,27 @@ static inline __attribute__((always_inline)) int NAME(scalar_riccati_body)(
             for (int64_t i = 0; i < ph * ph; ++i)
                 Q[i] = Cv[i];
             if (!last) {
-                /* W = Vh Fh, then Q += Fh' W (Vh as the PyTorch pass forms it) */
-                for (int64_t i = 0; i < nh; ++i)
-                    for (int64_t j = 0; j < ph; ++j) {
+                /* W = Vh Fh, then Q += Fh' W (Vh as the PyTorch pass forms it). Raw operands:
+                 * Fh = [[1, 0], [0, F]], so W[:, 0] = Vh[:, 0], Q[0, :] += W[0, :], and the
+                 * sums start at k = 1 (the terms left out are exact zeros: the same sums) */
+                const int64_t k0 = raw != NULL;
+                for (int64_t i = 0; i < nh; ++i) {
+                    if (k0)
+                        W[i * ph] = V[i * nh];
+                    for (int64_t j = k0; j < ph; ++j) {
                         VEC acc = {0};
-                        for (int64_t k = 0; k < nh; ++k)
+                        for (int64_t k = k0; k < nh; ++k)
                             acc += V[i * nh + k] * Fv[k * ph + j];
                         W[i * ph + j] = acc;
                     }
-                for (int64_t i = 0; i < ph; ++i)
+                }
+                if (k0)
+                    for (int64_t j = 0; j < ph; ++j)
+                        Q[j] += W[j];
+                for (int64_t i = k0; i < ph; ++i)
                     for (int64_t j = 0; j < ph; ++j) {
                         VEC acc = {0};
-                        for (int64_t k = 0; k < nh; ++k)
+                        for (int64_t k = k0; k < nh; ++k)
                             acc += Fv[k * ph + i] * W[k * ph + j];
                         Q[i * ph + j] += acc;
                     }
