@@ -16,9 +16,10 @@ One iteration, for the samples that have not converged yet:
      takes Gauss-Newton steps: in the same iteration (a second Riccati pass and line search on
      the same expansion) where such samples are more than half of the batch, else from the next
      iteration.
-A sample has converged when its Newton step (or its accepted step) is below ``tol``, or when no
-step lowers its cost and the predicted decrease is at the rounding floor. Converged samples are
-not touched again; the current iterate of a sample is always its best one.
+A sample has converged when its Newton step (or an accepted full step: a shortened one is small
+because its step size is) is below ``tol``, or when no step lowers its cost and the predicted
+decrease is at the rounding floor. Converged samples are not touched again; the current iterate
+of a sample is always its best one.
 """
 
 from __future__ import annotations
@@ -445,7 +446,8 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
     J_new = torch.where(keep, J, Ja)
     step = torch.where(found, (u_new - u).detach().abs().flatten(1).amax(-1), torch.zeros_like(scale))
     stationary = gains.ok & (small_step | (~found & at_floor))
-    conv = stationary | (found & ((step <= tol * scale) | exact))
+    # (by step size only a full step: a shortened one says nothing of the distance to a solution)
+    conv = stationary | (found & (((step <= tol * scale) & (first == 0)) | exact))
     if dyn.linear and cost.quadratic and lower is not None:
         # a full step of an exact (linear-quadratic) model lands on the solution once it has the
         # right active set: the KKT conditions there decide, without another iteration

@@ -817,6 +817,35 @@ def test_early_iterations_take_gauss_newton_steps_on_their_own_ladder(monkeypatc
     assert flags[0] is False and flags[1] is True
 
 
+def test_a_tiny_shortened_step_does_not_end_a_sample(monkeypatch):
+    """Convergence by step size counts full steps only: a step the line search shortened (here,
+    forced: ladder index 15, a move of 1e-12 that lowers the cost) is small because its step size
+    is, not because the iterate is near a solution (the 0.2 ladder of the early iterations
+    reaches 3e-11). Before, such a step ended the sample as converged after one iteration."""
+    import diffmpc.ilqr as ilqr_module
+
+    search = ilqr_module._search
+
+    def shortened(x_init, cost, dyn, x, u, J, *args):
+        out = search(x_init, cost, dyn, x, u, J, *args)
+        U = u + 1e-12
+        X = ilqr_module.rollout(dyn, x_init, U)
+        Jn = cost.value(X, U).sum(-1)
+        ok = Jn < J
+        return (X, U, Jn, torch.where(ok, 15, out[3]), ok)
+
+    monkeypatch.setattr(ilqr_module, "_search", shortened)
+    system = make_system("pendulum")
+    x_init = starts("pendulum", 4, seed=2)
+    mpc = dm.MPC(system.n_state, 1, 20, system.u_lower, system.u_upper, max_iter=1,
+                 unconverged="keep")
+    with torch.no_grad():
+        sol = mpc(x_init, system.default_cost().quad_cost(), system)
+    moved = sol.step_norm > 0
+    assert bool(moved.any()) and float(sol.step_norm.max()) <= 1e-11
+    assert not bool(sol.converged[moved].any())
+
+
 def test_a_saddle_at_the_initial_iterate_is_left():
     """A pendulum hanging at rest with u = 0 is a stationary point of the swing-up (by symmetry no
     first-order step leaves it) but no minimum: the solver must not stop there. Reference:
