@@ -280,6 +280,14 @@ def _take_gains(g: Gains, idx: Tensor) -> Gains:
     return Gains(g.K[idx], g.k[idx], g.free[idx], g.dV[idx], g.ok[idx])
 
 
+def _gauss_newton(C, c, F, lo, hi, reg) -> Gains:
+    """The Gauss-Newton pass of an iteration (box mode, ``reg``): for one control on the CPU
+    compiled on C, c and F themselves (``raw_scalar_pass``: no homogeneous copies), else
+    ``riccati``. The gains carry no Fh where the compiled pass ran."""
+    g = raw_scalar_pass(C, c, F, lo, hi, reg)
+    return g if g is not None else riccati(C, c, F, None, lo, hi, None, reg)
+
+
 def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph, pre=None
            ) -> tuple[Gains, Tensor]:
     """Riccati pass: Newton for the samples flagged in ``newton``, Gauss-Newton for the others and
@@ -294,13 +302,8 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph, pre=None
 
     Returns the gains and the flags of the samples that did take a Newton step.
     """
-    def gauss_newton():
-        # one control on the CPU: compiled on C, c and F themselves (no homogeneous copies)
-        g = raw_scalar_pass(C, c, F, lo, hi, reg)
-        return g if g is not None else riccati(C, c, F, None, lo, hi, None, reg)
-
     if (dyn.linear and H is C) or not bool(newton.any()):
-        return gauss_newton(), torch.zeros_like(newton)
+        return _gauss_newton(C, c, F, lo, hi, reg), torch.zeros_like(newton)
     n = x.shape[-1]
     if pre is not None:
         lam, blocks = pre
@@ -331,7 +334,7 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph, pre=None
         full = riccati(Hn, c, F, None, lo, hi, None, reg, floor)
     if bool(full.ok.all()):
         return full, newton
-    gn = gauss_newton()
+    gn = _gauss_newton(C, c, F, lo, hi, reg)
     ok = full.ok
     pick = lambda a, b: torch.where(ok.view(-1, *([1] * (a.dim() - 1))), a, b)  # noqa: E731
     gains = Gains(pick(full.K, gn.K), pick(full.k, gn.k), pick(full.free, gn.free),
@@ -431,7 +434,7 @@ def _iterate(x_init, cost, dyn, s: _State, lower, upper, opts, tol, create_graph
         # those samples' wait (they take Gauss-Newton then; cartpole B = 256, T = 50: about 5
         # samples per iteration, and 15 % of the solve's time)
         sub = _take(fb)
-        gn = riccati(sub(C), sub(c), sub(F), None, sub(lo), sub(hi), None, sub(reg))
+        gn = _gauss_newton(sub(C), sub(c), sub(F), sub(lo), sub(hi), sub(reg))
         exp_gn = -(gn.dV[:, 0] + gn.dV[:, 1])
         part = _search(sub(x_init), cost.subset(fb), dyn.subset(fb), sub(x), sub(u), sub(J), gn,
                        sub(lower), sub(upper), alphas, sub(floor), exp_gn <= sub(floor))
