@@ -280,11 +280,12 @@ def _take_gains(g: Gains, idx: Tensor) -> Gains:
     return Gains(g.K[idx], g.k[idx], g.free[idx], g.dV[idx], g.ok[idx])
 
 
-def _gauss_newton(C, c, F, lo, hi, reg) -> Gains:
+def _gauss_newton(C, c, F, lo, hi, reg, fh: bool = False) -> Gains:
     """The Gauss-Newton pass of an iteration (box mode, ``reg``): for one control on the CPU
     compiled on C, c and F themselves (``raw_scalar_pass``: no homogeneous copies), else
-    ``riccati``. The gains carry no Fh where the compiled pass ran."""
-    g = raw_scalar_pass(C, c, F, lo, hi, reg)
+    ``riccati``. The compiled pass's gains carry no Fh; ``fh``: the caller needs it (a
+    linear-quadratic model's KKT check reads the costate from it), so ``riccati``."""
+    g = None if fh else raw_scalar_pass(C, c, F, lo, hi, reg)
     return g if g is not None else riccati(C, c, F, None, lo, hi, None, reg)
 
 
@@ -303,7 +304,7 @@ def _gains(x, u, H, C, c, F, dyn, lo, hi, reg, newton, create_graph, pre=None
     Returns the gains and the flags of the samples that did take a Newton step.
     """
     if (dyn.linear and H is C) or not bool(newton.any()):
-        return _gauss_newton(C, c, F, lo, hi, reg), torch.zeros_like(newton)
+        return _gauss_newton(C, c, F, lo, hi, reg, fh=dyn.linear), torch.zeros_like(newton)
     n = x.shape[-1]
     if pre is not None:
         lam, blocks = pre

@@ -559,6 +559,33 @@ def test_one_control_pass_on_raw_operands_equals_pytorch(one_control_case, mode,
                                    **(close or {"rtol": 1e-10, "atol": 1e-12}))
 
 
+@needs_native
+def test_box_ddp_on_a_one_control_lq_problem_checks_kkt_with_its_dynamics(make_problem):
+    """Box-DDP iterations on a box-constrained one-control LQ problem (``ilqr`` with
+    ``create_graph``, which skips the active-set passes): after a full step the KKT check, whose
+    costate needs the pass's homogeneous dynamics, ends each sample; the compiled pass takes the
+    same iterations as PyTorch operations (it took an extra one per sample where the compiled
+    Gauss-Newton pass left the gains without Fh and the check saw no costate)."""
+    import diffmpc as dm
+    from diffmpc.expand import TrajCost, TrajDynamics
+    from diffmpc.ilqr import SolverOptions, ilqr
+
+    prob = make_problem(64, 12, 3, 1, seed=2)
+    B, T, p = prob.c.shape
+    lo = torch.full((B, T, 1), -0.3, dtype=torch.float64)
+    out = []
+    for on in (True, False):
+        with native.enabled(on), torch.no_grad():
+            cost = TrajCost(dm.QuadCost(prob.C, 3 * prob.c), B, T, 3, 1)
+            dyn = TrajDynamics(dm.LinearDynamics(prob.F, prob.f), B, T, 3, 1)
+            out.append(ilqr(prob.x_init, cost, dyn, torch.zeros_like(lo), lo, -lo,
+                            SolverOptions(max_iter=100), create_graph=True))
+    fast, ref = out
+    assert bool(ref.converged.all()) and bool((ref.u.abs() >= 0.3 - 1e-12).any())
+    assert torch.equal(fast.iterations, ref.iterations)
+    torch.testing.assert_close(fast.u, ref.u, rtol=0, atol=1e-12)
+
+
 def test_one_control_pass_on_raw_operands_refuses_what_it_cannot_take(one_control_case):
     """None (the caller takes the homogeneous pass) for several controls and for operands that
     record a graph; a misshapen block raises."""
