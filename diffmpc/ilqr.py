@@ -740,9 +740,8 @@ def ilqr(
     upper: Tensor | None,
     opts: SolverOptions,
     create_graph: bool = False,
-    probe_saddles: bool = False,
-    objective: bool = True,
     cold_start: bool = False,
+    objective: bool = True,
 ) -> IterResult:
     """Solve a batch of (box-constrained) optimal control problems.
 
@@ -753,15 +752,15 @@ def ilqr(
         lower, upper: ``[B, T, m]`` bounds, or None for none.
         opts: SolverOptions.
         create_graph: keep the autograd graph through the iterations (unrolled gradients).
-        probe_saddles: a sample that is stationary at ``u_init`` (its first step is zero) gets a
-            second-order check, and leaves the point if it is no local minimum. Worth its cost
-            for a generic guess such as ``u = 0``, which is often a symmetric point (a pendulum
-            hanging at rest); a warm start from an earlier solution rarely needs it.
+        cold_start: ``u_init`` is a generic guess (``MPC``'s default u = 0), not a warm start.
+            Then a sample that is stationary there (its first step is zero) gets a second-order
+            check and leaves the point if it is no local minimum (a generic guess is often a
+            symmetric point: a pendulum hanging at rest), and the first
+            ``opts.gauss_newton_iters`` iterations take Gauss-Newton steps only. A warm start
+            from an earlier solution rarely needs the check, and near a solution takes Newton
+            steps at once (quadratic convergence).
         objective: False: a solve that needs no iterations (an unconstrained LQR) leaves
             ``IterResult.objective`` None (the implicit backward's outputs form it anew).
-        cold_start: ``u_init`` is a generic guess (``MPC``'s default u = 0), not a warm start:
-            the first ``opts.gauss_newton_iters`` iterations take Gauss-Newton steps only. A warm
-            start near a solution takes Newton steps at once (quadratic convergence).
 
     Returns:
         IterResult.
@@ -787,7 +786,7 @@ def ilqr(
     else:
         x = rollout(dyn, x_init, u)
     s = _State(x, u, cost.value(x, u).sum(-1), torch.zeros(B, dtype=x.dtype, device=dev), step,
-               flags, torch.zeros_like(flags), ~flags & probe_saddles, torch.zeros_like(iters))
+               flags, torch.zeros_like(flags), ~flags & cold_start, torch.zeros_like(iters))
     # (every sample iterating is at the same iteration: all start together and none resumes)
     phase = opts.gauss_newton_iters if cold_start and not (dyn.linear and cost.quadratic) else 0
     for i in range(opts.max_iter):

@@ -187,14 +187,13 @@ class MPC(nn.Module):
             lower_c = upper_c = None
         if mode == BackwardMode.UNROLL and torch.is_grad_enabled():
             res = ilqr(x_init, cost_a, dyn_a, u0, lower, upper, self.options, create_graph=True,
-                       probe_saddles=u_init is None, cold_start=u_init is None)
+                       cold_start=u_init is None)
             sol = _solution(res, res.x, res.u, res.objective)
         else:
             grad = torch.is_grad_enabled() and _needs_grad(x_init, cost_a, dyn_a, lower, upper)
             # with grad, _implicit forms the objective from its outputs
             res = _solve(x_init, cost_a, dyn_a, u0, lower_c, upper_c, self.options,
-                         probe_saddles=u_init is None, objective=not grad,
-                         cold_start=u_init is None)
+                         cold_start=u_init is None, objective=not grad)
             if grad:
                 x, u, obj = _implicit(x_init, cost_a, dyn_a, res, lower, upper,
                                       mode == BackwardMode.IMPLICIT, self.options)
