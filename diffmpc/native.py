@@ -47,8 +47,7 @@ from torch import Tensor
 __all__ = ["available", "threaded", "status", "enabled", "riccati", "multipliers", "rollout",
            "costate", "feedforward", "check_cost", "matvec", "matvec_pair", "outer", "quad_value",
            "homogeneous", "homogeneous_cost", "scalar_riccati", "scalar_riccati_raw",
-           "model_rollout",
-           "model_search", "model_expansion", "model_newton"]
+           "model_rollout", "model_search", "model_expansion", "model_newton"]
 
 _SOURCES = ("lq.c", "lq_body.h")
 _OFF = ("0", "false", "no", "off")
