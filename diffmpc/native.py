@@ -531,12 +531,17 @@ def scalar_riccati_raw(C: Tensor, c: Tensor, F: Tensor | None, lower: Tensor | N
     return Kh, f, qu, h, hr
 
 
+def _model_consts(consts: Tensor) -> Tensor:
+    """A built-in model's constants as the kernels read them: float64, contiguous."""
+    return consts.detach().to(torch.float64).contiguous()
+
+
 def _model_operands(consts: Tensor, x_init: Tensor, x, u, K, k, lower, upper, C, c):
     """The model kernels' operand arrays: constants (float64), pointers and strides (each
     stride array kept alive in the returned tuple)."""
     if (lower is None) != (upper is None):
         raise ValueError("lower, upper: expected both or neither, got one of them")
-    p = consts.detach().to(torch.float64).contiguous()
+    p = _model_consts(consts)
     views = [_view(t) for t in (x_init, x, u, K, k, lower, upper, C, c)]
     ptrs = (ctypes.c_void_p * 9)(*(v[0] for v in views))
     strides = (ctypes.POINTER(ctypes.c_int64) * 9)(
@@ -625,7 +630,7 @@ def model_expansion(model: int, consts: Tensor, x: Tensor, u: Tensor, lam: Tenso
     B, T1, n = x.shape
     J = x.new_empty(B, T1, n, n + 1) if jacobian else None
     H = None if lam is None else x.new_empty(T1, 4, 4, B)
-    p = consts.detach().to(torch.float64).contiguous()
+    p = _model_consts(consts)
     rc = _kernel("model_expansion", x.dtype)(
         _threads(B, _GRAIN), model, p.data_ptr(), B, T1, n, *_view(x), *_view(u), *_view(lam),
         None if J is None else J.data_ptr(), None if H is None else H.data_ptr())
@@ -646,7 +651,7 @@ def model_newton(model: int, consts: Tensor, x: Tensor, u: Tensor, gx: Tensor
     J = x.new_empty(B, T - 1, n, n + 1)
     lam = x.new_empty(B, T, n)
     H = x.new_empty(T - 1, 4, 4, B)
-    p = consts.detach().to(torch.float64).contiguous()
+    p = _model_consts(consts)
     rc = _kernel("model_newton", x.dtype)(
         _threads(B, _GRAIN), model, p.data_ptr(), B, T, n, *_view(x), *_view(u), *_view(gx),
         J.data_ptr(), lam.data_ptr(), H.data_ptr())
