@@ -549,6 +549,11 @@ def _model_operands(consts: Tensor, x_init: Tensor, x, u, K, k, lower, upper, C,
     return p, ptrs, strides, views
 
 
+# the first coordinate in [x, u] of each built-in model's curvature block (the cartpole's
+# position and velocity enter its step linearly)
+_BLOCK_FIRST = {1: 0, 2: 2}
+
+
 def _model_error(model: int, n: int, m: int) -> ValueError:
     return ValueError(f"model: expected 1 (n = 3, m = 1) or 2 (n = 5, m = 1), got {model} with "
                       f"n = {n}, m = {m}")
@@ -636,7 +641,7 @@ def model_expansion(model: int, consts: Tensor, x: Tensor, u: Tensor, lam: Tenso
         None if J is None else J.data_ptr(), None if H is None else H.data_ptr())
     if rc != 0:
         raise _model_error(model, n, u.shape[-1])
-    return J, H, 0 if model == 1 else 2
+    return J, H, _BLOCK_FIRST[model]
 
 
 def model_newton(model: int, consts: Tensor, x: Tensor, u: Tensor, gx: Tensor
@@ -657,4 +662,4 @@ def model_newton(model: int, consts: Tensor, x: Tensor, u: Tensor, gx: Tensor
         J.data_ptr(), lam.data_ptr(), H.data_ptr())
     if rc != 0:
         raise _model_error(model, n, u.shape[-1])
-    return J, lam, H, 0 if model == 1 else 2
+    return J, lam, H, _BLOCK_FIRST[model]

@@ -1123,6 +1123,12 @@ int NAME(diffmpc_scalar_riccati_raw)(int threads, int64_t B, int64_t T, int64_t 
  * contiguous. Returns 0, or 1 for an unknown model or sizes that are not the model's. */
 #ifndef DM_MODEL_SHARED  /* in double whatever REAL is: compiled once, not per type */
 #define DM_MODEL_SHARED
+/* whether `model` is a built-in model with n states (both take one control) */
+static int dm_model_known(int model, int64_t n)
+{
+    return (model == 1 && n == 3) || (model == 2 && n == 5);
+}
+
 static void dm_turn(double c, double s, double d, double *out)
 {
     const double r = sqrt(c * c + s * s);
@@ -1162,7 +1168,7 @@ static void NAME(model_step)(int model, const double *p, const REAL *x, const RE
     }
 }
 
-/* the operands of one batch of model rollouts (see above); MODEL_P: the largest n + m */
+/* MODEL_P: the largest n + m of the built-in models */
 #ifndef MODEL_P
 #define MODEL_P 6
 #endif
@@ -1279,7 +1285,7 @@ static int NAME(model_ops_fill)(NAME(model_ops) *o, int model, const double *con
                                 int64_t T, int64_t n, int64_t m, const REAL *alphas,
                                 const REAL *const *ptr, const int64_t *const *str)
 {
-    if (!((model == 1 && n == 3 && m == 1) || (model == 2 && n == 5 && m == 1)))
+    if (!dm_model_known(model, n) || m != 1)
         return 1;
     *o = (NAME(model_ops)){model, consts, B, T, n, m, alphas, ptr[0], ptr[1], ptr[2], ptr[3],
                            ptr[4], ptr[5], ptr[6], ptr[7], ptr[8], str[0], str[1], str[2], str[3],
@@ -1489,7 +1495,7 @@ int NAME(diffmpc_model_newton)(int threads, int model, const double *consts, int
                                const REAL *u, const int64_t *su, const REAL *gx,
                                const int64_t *sg, REAL *J, REAL *lam, REAL *Hb)
 {
-    if (!((model == 1 && n == 3) || (model == 2 && n == 5)))
+    if (!dm_model_known(model, n))
         return 1;
     int rc = 0;
     RANGES(threads, B, 1, rc, NAME(model_newton_range)(lo, hi, model, consts, B, T, n, x, sx, u,
@@ -1502,7 +1508,7 @@ int NAME(diffmpc_model_expansion)(int threads, int model, const double *consts, 
                                   const REAL *u, const int64_t *su, const REAL *lam,
                                   const int64_t *sl, REAL *J, REAL *Hb)
 {
-    if (!((model == 1 && n == 3) || (model == 2 && n == 5)))
+    if (!dm_model_known(model, n))
         return 1;
     int rc = 0;
     RANGES(threads, B, 1, rc, NAME(model_expansion_range)(lo, hi, model, consts, B, T1, n, x, sx,
