@@ -808,7 +808,6 @@ def test_early_iterations_take_gauss_newton_steps_on_their_own_ladder(monkeypatc
                                        rel=1e-15)
     assert {it for it, a in ladders if len(a) > 1} >= {1, 5, 6}  # shortened steps tried
     # warm-started from the first solve's iterate after one iteration: Newton in iteration 2
-    flags.clear()
     u1 = dm.MPC(system.n_state, 1, 30, system.u_lower, system.u_upper, unconverged="keep",
                 max_iter=1)(x_init, system.default_cost().quad_cost(), system).u.detach()
     flags.clear()
